@@ -1,0 +1,102 @@
+"""Segmentation losses: cross-entropy (ignore index, class weights), soft Dice, both."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from everseg.data.labelspace import IGNORE_INDEX
+
+
+class DiceLoss(nn.Module):
+    """1 - mean soft Dice over the classes present in the batch (truth or prediction).
+
+    Ignored pixels count neither in the prediction nor in the truth. Averaging over
+    present classes only keeps an absent class from rewarding an empty prediction.
+    """
+
+    def __init__(self, ignore_index: int = IGNORE_INDEX, smooth: float = 1.0):
+        super().__init__()
+        self.ignore_index = ignore_index
+        self.smooth = smooth
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        n_cls = logits.shape[1]
+        valid = target != self.ignore_index
+        probs = logits.float().softmax(1) * valid.unsqueeze(1)
+        onehot = F.one_hot(torch.where(valid, target, 0), n_cls).permute(0, 3, 1, 2)
+        onehot = onehot * valid.unsqueeze(1)
+        dims = (0, 2, 3)
+        inter = (probs * onehot).sum(dims)
+        total = probs.sum(dims) + onehot.sum(dims)
+        dice = (2 * inter + self.smooth) / (total + self.smooth)
+        present = onehot.sum(dims) > 0
+        return 1.0 - dice[present].mean() if present.any() else logits.sum() * 0.0
+
+
+class SegmentationLoss(nn.Module):
+    """``kind`` = "ce", "dice" or "ce+dice"; CE ignores ``ignore_index`` and can weight classes."""
+
+    def __init__(self, kind: str = "ce", *, class_weights: torch.Tensor | None = None,
+                 ignore_index: int = IGNORE_INDEX, dice_weight: float = 1.0,
+                 label_smoothing: float = 0.0):
+        super().__init__()
+        if kind not in ("ce", "dice", "ce+dice"):
+            raise ValueError(f"unknown loss {kind!r}; choose ce, dice or ce+dice")
+        self.kind = kind
+        self.ignore_index = ignore_index
+        self.dice_weight = dice_weight
+        self.label_smoothing = label_smoothing
+        self.register_buffer("class_weights", class_weights, persistent=False)
+        self.dice = DiceLoss(ignore_index)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        loss = logits.new_zeros((), dtype=torch.float32)
+        if self.kind in ("ce", "ce+dice"):
+            loss = loss + F.cross_entropy(logits.float(), target, weight=self.class_weights,
+                                          ignore_index=self.ignore_index,
+                                          label_smoothing=self.label_smoothing)
+        if self.kind in ("dice", "ce+dice"):
+            loss = loss + self.dice_weight * self.dice(logits, target)
+        return loss
+
+
+def class_frequencies(per_image_counts: np.ndarray) -> np.ndarray:
+    """SegNet's frequency: pixels of c / pixels of the images where c appears."""
+    counts = per_image_counts.astype(np.float64)
+    image_totals = counts.sum(1, keepdims=True)
+    present = counts > 0
+    denom = (image_totals * present).sum(0)
+    return np.divide(counts.sum(0), denom, out=np.zeros(counts.shape[1]), where=denom > 0)
+
+
+def compute_class_weights(per_image_counts: np.ndarray, method: str | Sequence[float],
+                          max_weight: float = 10.0) -> torch.Tensor | None:
+    """Class weights for CE from per-image class pixel counts (images x classes).
+
+    ``median_frequency`` is Eigen & Fergus (2015): median(freq) / freq(c).
+    ``inverse_sqrt`` is the gentler 1/sqrt(freq), scaled to mean 1.
+    Classes never seen get weight 1; all weights are clipped to ``max_weight``.
+    """
+    n = per_image_counts.shape[1]
+    if not isinstance(method, str):
+        if len(method) != n:
+            raise ValueError(f"class_weights lists {len(method)} values for {n} classes")
+        return torch.tensor(list(method), dtype=torch.float32)
+    if method == "none":
+        return None
+    freq = class_frequencies(per_image_counts)
+    seen = freq > 0
+    w = np.ones(n)
+    if method == "median_frequency":
+        w[seen] = np.median(freq[seen]) / freq[seen]
+    elif method == "inverse_sqrt":
+        w[seen] = 1.0 / np.sqrt(freq[seen])
+        w[seen] /= w[seen].mean()
+    else:
+        raise ValueError(f"unknown class weighting {method!r}")
+    return torch.tensor(np.clip(w, 0.0, max_weight), dtype=torch.float32)

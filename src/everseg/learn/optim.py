@@ -1,0 +1,66 @@
+"""Optimiser with discriminative learning rates, and warm-up + poly/cosine schedules."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from everseg.learn.config import OptimConfig
+
+
+def _split_decay(params: list[tuple[str, nn.Parameter]]) -> tuple[list, list]:
+    # Norm scales and biases are not weights to shrink: decaying them hurts accuracy.
+    decay, no_decay = [], []
+    for name, p in params:
+        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+    return decay, no_decay
+
+
+def parameter_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
+    """Backbone and head groups (backbone LR = lr x backbone_lr_factor), each split by decay.
+
+    Frozen parameters are included too, so that unfreezing later needs no new
+    optimiser; they get no gradient while frozen and so are not updated.
+    """
+    backbone_ids = {id(p) for p in model.backbone.parameters()}
+    named = list(model.named_parameters())
+    groups = []
+    for part, factor in (("backbone", cfg.backbone_lr_factor), ("head", 1.0)):
+        params = [(n, p) for n, p in named if (id(p) in backbone_ids) == (part == "backbone")]
+        decay, no_decay = _split_decay(params)
+        for plist, wd in ((decay, cfg.weight_decay), (no_decay, 0.0)):
+            if plist:
+                groups.append({"params": plist, "lr": cfg.lr * factor, "weight_decay": wd,
+                               "lr_factor": factor, "name": f"{part}{'' if wd else '_no_decay'}"})
+    return groups
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    groups = parameter_groups(model, cfg)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def lr_multiplier(step: int, total_steps: int, warmup_steps: int, cfg: OptimConfig) -> float:
+    """Fraction of the peak LR at optimiser step ``step`` (0-based)."""
+    if warmup_steps and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    if cfg.schedule == "poly":
+        decayed = (1.0 - progress) ** cfg.poly_power
+    elif cfg.schedule == "cosine":
+        decayed = 0.5 * (1.0 + math.cos(math.pi * progress))
+    else:
+        decayed = 1.0
+    return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * decayed
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, *, total_steps: int,
+                    steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_multiplier(step, total_steps, warmup, cfg))

@@ -1,0 +1,74 @@
+"""The hooks through which methods extend the one training loop.
+
+A plugin overrides only the hooks it needs. Hooks run in the order the plugins
+were given. Incremental-learning strategies, fine-tuning schedules and anything
+else that changes training are plugins, so the loop in ``trainer.py`` stays the
+single place where training happens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from everseg.learn.trainer import Trainer
+
+
+@dataclass
+class Batch:
+    """What one training step works on; plugins may replace ``image``/``mask`` (e.g. replay)."""
+
+    image: torch.Tensor  # float N x 3 x H x W in [0, 1]
+    mask: torch.Tensor  # int64 N x H x W, 255 = ignore
+    stems: list[str]
+    extra: dict[str, Any] = field(default_factory=dict)  # free space for plugins
+
+
+@dataclass
+class StepOutput:
+    logits: torch.Tensor  # N x C x H x W
+    features: dict[str, Any] | None  # model features when a plugin asked for them
+
+
+class Plugin:
+    """Base class with every hook as a no-op."""
+
+    needs_features: bool = False  # ask the model for intermediate features each step
+
+    def on_fit_start(self, trainer: "Trainer") -> None:
+        """After the model, optimiser and data are ready, before the first epoch."""
+
+    def on_epoch_start(self, trainer: "Trainer") -> None:
+        """Before each epoch; ``trainer.epoch`` is the 0-based epoch about to run."""
+
+    def before_forward(self, trainer: "Trainer", batch: Batch) -> None:
+        """May edit ``batch`` in place (add replayed samples, relabel, ...)."""
+
+    def loss_terms(self, trainer: "Trainer", batch: Batch, output: StepOutput) -> dict[str, torch.Tensor]:
+        """Extra loss terms, added to the segmentation loss and logged under their names."""
+        return {}
+
+    def after_backward(self, trainer: "Trainer") -> None:
+        """Gradients are ready; the optimiser has not stepped yet."""
+
+    def after_step(self, trainer: "Trainer", batch: Batch, output: StepOutput) -> None:
+        """After the optimiser step (or after an accumulation micro-step)."""
+
+    def on_validation(self, trainer: "Trainer", metrics: Any) -> None:
+        """After each validation, with its SegmentationMetrics."""
+
+    def on_epoch_end(self, trainer: "Trainer") -> None:
+        """After each epoch, its validation and checkpoint."""
+
+    def on_fit_end(self, trainer: "Trainer") -> None:
+        """After training has finished or stopped early."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """What the plugin needs to continue after ``--resume``."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass

@@ -1,0 +1,347 @@
+"""The one training loop. Read ``Trainer.fit`` top to bottom; methods plug in through hooks.
+
+Each epoch is checkpointed atomically (``checkpoint.pt`` in the run folder), so an
+interrupted run continues with ``fit(resume=True)`` and loses at most the epoch
+it was in. The best model by validation mIoU (or the last, without validation)
+is saved as an everseg model folder in ``<out>/model``.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from everseg.atomic import atomic_torch_save, atomic_write_json, atomic_write_text
+from everseg.data.dataset import SegmentationDataset
+from everseg.learn.config import RunConfig
+from everseg.learn.losses import SegmentationLoss, compute_class_weights
+from everseg.learn.optim import build_optimizer, build_scheduler
+from everseg.learn.plugins import Batch, Plugin, StepOutput
+from everseg.learn.progress import TrainProgress
+
+CHECKPOINT_NAME = "checkpoint.pt"
+MODEL_DIR_NAME = "model"
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU computes bfloat16 natively (AVX512-BF16 or AMX); emulated bf16 is slower than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def _worker_init(worker_id: int) -> None:
+    seed = torch.initial_seed() % 2**32
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+@dataclass
+class FitResult:
+    best_miou: float | None  # best validation mIoU (0-100), None without validation
+    best_epoch: int | None  # 0-based epoch of the best model
+    epochs_run: int  # epochs completed, over all resumed sessions
+    stopped_early: bool
+    seconds: float  # wall time of this session
+    train_seconds: float  # wall time of all epochs (validation included), over all sessions
+    images_seen: int  # training images processed, over all sessions
+    model_dir: Path
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Trainer:
+    """Trains ``model`` on ``train_set``, validating on ``val_set``, writing into ``out_dir``."""
+
+    def __init__(self, model: nn.Module, train_set: SegmentationDataset,
+                 val_set: SegmentationDataset | None, config: RunConfig, out_dir: str | Path, *,
+                 plugins: Sequence[Plugin] = (), progress: bool = True,
+                 criterion: nn.Module | None = None):
+        self.model = model
+        self.train_set = train_set
+        self.val_set = val_set
+        self.config = config
+        self.out_dir = Path(out_dir)
+        self.plugins = list(plugins)
+        self.show_progress = progress
+        tc = config.train
+        if tc.threads:
+            torch.set_num_threads(tc.threads)
+        self.use_bf16 = tc.bf16 == "on" or (tc.bf16 == "auto" and cpu_has_native_bf16())
+        self.criterion = criterion if criterion is not None else self._default_criterion()
+        # Loop state; everything here is saved in the checkpoint.
+        self.epoch = 0
+        self.global_step = 0
+        self.images_seen = 0
+        self.train_seconds = 0.0  # epochs' wall time over all resumed sessions
+        self.best_miou: float | None = None
+        self.best_epoch: int | None = None
+        self.stale_validations = 0
+        self.history: list[dict[str, Any]] = []
+        self.stop_requested = False
+
+    # ------------------------------------------------------------------ set-up helpers
+    def _default_criterion(self) -> nn.Module:
+        lc = self.config.loss
+        ls = self.train_set.label_space
+        weights = None
+        if lc.class_weights != "none":
+            weights = compute_class_weights(self.train_set.class_pixel_counts(per_image=True),
+                                            lc.class_weights, lc.max_class_weight)
+        return SegmentationLoss(lc.kind, class_weights=weights, ignore_index=ls.ignore_index,
+                                dice_weight=lc.dice_weight, label_smoothing=lc.label_smoothing)
+
+    def _loader(self, generator: torch.Generator) -> DataLoader:
+        dc, tc = self.config.data, self.config.train
+        return DataLoader(self.train_set, batch_size=tc.batch_size, shuffle=True,
+                          drop_last=len(self.train_set) >= tc.batch_size,
+                          num_workers=dc.num_workers, persistent_workers=dc.num_workers > 0,
+                          worker_init_fn=_worker_init, generator=generator)
+
+    def _to_batch(self, raw: dict[str, Any]) -> Batch:
+        image = raw["image"]
+        if self.config.train.channels_last:
+            image = image.contiguous(memory_format=torch.channels_last)
+        return Batch(image=image.float().div_(255.0), mask=raw["mask"], stems=list(raw["stem"]))
+
+    def request_stop(self) -> None:
+        """Ask the loop to stop after the current epoch (plugins, signal handlers)."""
+        self.stop_requested = True
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self, resume: bool = False) -> FitResult:
+        cfg, tc = self.config, self.config.train
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.out_dir / "config.yaml", cfg.to_yaml())
+        generator = seed_everything(tc.seed)
+        if tc.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        loader = self._loader(generator)
+        steps_per_epoch = max(1, len(loader) // tc.grad_accum)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, total_steps=steps_per_epoch * tc.epochs,
+                                         steps_per_epoch=steps_per_epoch)
+        if resume:
+            self._load_checkpoint(generator)
+        needs_features = any(p.needs_features for p in self.plugins)
+        progress = TrainProgress(tc.epochs, len(loader), enabled=self.show_progress)
+        writer = self._tensorboard()
+        for plugin in self.plugins:
+            plugin.on_fit_start(self)
+
+        session_start = time.perf_counter()
+        epochs_this_session = 0
+        try:
+            while self.epoch < tc.epochs and not self.stop_requested:
+                if tc.max_minutes is not None and self.epoch > 0:
+                    per_epoch = self.train_seconds / self.epoch
+                    if self.train_seconds + per_epoch > tc.max_minutes * 60:
+                        progress.message(f"time budget of {tc.max_minutes} min reached after "
+                                         f"{self.epoch} epochs")
+                        break
+                self.model.train()
+                for plugin in self.plugins:
+                    plugin.on_epoch_start(self)
+                progress.start_epoch(self.epoch)
+                epoch_start = time.perf_counter()
+                loss_sum = torch.zeros(())
+                term_sums: dict[str, torch.Tensor] = {}
+                n_batches = 0
+                self.optimizer.zero_grad(set_to_none=True)
+                for i, raw in enumerate(loader):
+                    batch = self._to_batch(raw)
+                    for plugin in self.plugins:
+                        plugin.before_forward(self, batch)
+                    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.use_bf16):
+                        if needs_features:
+                            logits, feats = self.model(batch.image, return_features=True)
+                        else:
+                            logits, feats = self.model(batch.image), None
+                        output = StepOutput(logits, feats)
+                        terms = {"seg": self.criterion(logits, batch.mask)}
+                        for plugin in self.plugins:
+                            terms.update(plugin.loss_terms(self, batch, output))
+                        loss = sum(terms.values())
+                    (loss / tc.grad_accum).backward()
+                    if (i + 1) % tc.grad_accum == 0:
+                        for plugin in self.plugins:
+                            plugin.after_backward(self)
+                        if cfg.optim.grad_clip:
+                            nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
+                        self.optimizer.step()
+                        self.optimizer.zero_grad(set_to_none=True)
+                        self.scheduler.step()
+                        self.global_step += 1
+                    for plugin in self.plugins:
+                        plugin.after_step(self, batch, output)
+                    loss_sum += loss.detach().float()
+                    for k, v in terms.items():
+                        term_sums[k] = term_sums.get(k, torch.zeros(())) + v.detach().float()
+                    n_batches += 1
+                    self.images_seen += batch.image.shape[0]
+                    if (i + 1) % tc.log_every == 0 or i + 1 == len(loader):
+                        seconds = time.perf_counter() - epoch_start
+                        ips = n_batches * tc.batch_size / max(seconds, 1e-9)
+                        progress.update(i + 1, float(loss_sum) / n_batches, ips, self.current_lr())
+                        if writer is not None:
+                            writer.add_scalar("train/loss", float(loss.detach()), self.global_step)
+                            writer.add_scalar("train/lr", self.current_lr(), self.global_step)
+                if n_batches == 0:
+                    raise RuntimeError(f"training set of {len(self.train_set)} images gave no batch")
+
+                seconds = time.perf_counter() - epoch_start
+                record: dict[str, Any] = {"epoch": self.epoch, "loss": float(loss_sum) / n_batches,
+                                          "seconds": seconds,
+                                          "images_per_second": n_batches * tc.batch_size / seconds,
+                                          "lr": self.current_lr()}
+                record.update({f"loss_{k}": float(v) / n_batches for k, v in term_sums.items()
+                               if len(term_sums) > 1})
+                last_epoch = self.epoch + 1 == tc.epochs
+                if self.val_set is not None and ((self.epoch + 1) % tc.eval_every == 0 or last_epoch):
+                    metrics = self.validate()
+                    record["val_miou"] = 100.0 * metrics.miou
+                    for plugin in self.plugins:
+                        plugin.on_validation(self, metrics)
+                    self._track_best(record["val_miou"])
+                elif self.val_set is None:
+                    self._save_model()  # without validation the latest model is the one to keep
+                self.history.append(record)
+                self.train_seconds += time.perf_counter() - epoch_start
+                self.epoch += 1
+                epochs_this_session += 1
+                if writer is not None:
+                    for k in ("loss", "images_per_second", "val_miou"):
+                        if k in record:
+                            writer.add_scalar(f"epoch/{k}", record[k], self.epoch)
+                    writer.flush()
+                if tc.early_stopping is not None and self.stale_validations >= tc.early_stopping:
+                    progress.message(f"early stopping: no mIoU gain in {self.stale_validations} validations")
+                    self.stop_requested = True
+                self._save_checkpoint(generator)
+                progress.end_epoch(self.epoch - 1, {k: v for k, v in record.items()
+                                                    if k in ("loss", "images_per_second", "val_miou")},
+                                   epochs_this_session)
+                for plugin in self.plugins:
+                    plugin.on_epoch_end(self)
+        finally:
+            progress.close()
+            if writer is not None:
+                writer.close()
+        for plugin in self.plugins:
+            plugin.on_fit_end(self)
+        if not (self.out_dir / MODEL_DIR_NAME / "config.json").is_file():
+            self._save_model()
+        atomic_write_json(self.out_dir / "history.json", self.history)
+        return FitResult(best_miou=self.best_miou, best_epoch=self.best_epoch, epochs_run=self.epoch,
+                         stopped_early=self.epoch < tc.epochs, seconds=time.perf_counter() - session_start,
+                         train_seconds=self.train_seconds,
+                         images_seen=self.images_seen, model_dir=self.out_dir / MODEL_DIR_NAME,
+                         history=self.history)
+
+    # ------------------------------------------------------------------ pieces of the loop
+    def current_lr(self) -> float:
+        """LR of the head (the largest group LR)."""
+        return max(g["lr"] for g in self.optimizer.param_groups)
+
+    def validate(self):
+        from everseg.evaluate import evaluate
+
+        ec = self.config.eval
+        crop = ec.crop_size or self.config.data.crop_size
+        result = evaluate(self.model, self.val_set, mode=ec.mode,
+                          crop_size=crop if ec.mode == "slide" else None, flip=ec.flip,
+                          scales=ec.scales, autocast_bf16=self.use_bf16,
+                          channels_last=self.config.train.channels_last, progress=False)
+        return result.metrics
+
+    def _track_best(self, miou: float) -> None:
+        if self.best_miou is None or miou > self.best_miou:
+            self.best_miou, self.best_epoch = miou, self.epoch
+            self.stale_validations = 0
+            self._save_model()
+        else:
+            self.stale_validations += 1
+
+    def _save_model(self) -> None:
+        from everseg.models import save_model
+
+        meta = dict(getattr(self.model, "metadata", None) or {})
+        meta.update({"epoch": self.epoch, "val_miou": self.best_miou, "images_seen": self.images_seen,
+                     "train_data": self.train_set.name})
+        self.model.metadata = meta
+        save_model(self.model, self.out_dir / MODEL_DIR_NAME)
+
+    def _tensorboard(self):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # tensorboard is a dependency, but training must not die without it
+            return None
+        return SummaryWriter(str(self.out_dir / "tensorboard"))
+
+    # ------------------------------------------------------------------ checkpoints
+    def _save_checkpoint(self, generator: torch.Generator) -> None:
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "loop": {"epoch": self.epoch, "global_step": self.global_step, "images_seen": self.images_seen,
+                     "train_seconds": self.train_seconds,
+                     "best_miou": self.best_miou, "best_epoch": self.best_epoch,
+                     "stale_validations": self.stale_validations, "history": self.history},
+            "plugins": [p.state_dict() for p in self.plugins],
+            "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
+                    "torch": torch.get_rng_state(), "loader": generator.get_state()},
+            "config": self.config.model_dump(mode="json"),
+        }
+        atomic_torch_save(self.out_dir / CHECKPOINT_NAME, state)
+
+    def _load_checkpoint(self, generator: torch.Generator) -> None:
+        path = self.out_dir / CHECKPOINT_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no checkpoint to resume from")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as exc:
+            raise RuntimeError(f"{path}: checkpoint cannot be read ({exc})") from exc
+        saved, current = state.get("config", {}), self.config.model_dump(mode="json")
+        for section in ("model", "data"):
+            if saved.get(section) != current.get(section):
+                raise ValueError(f"{path}: the checkpoint's {section!r} settings differ from this "
+                                 f"run's; resume with the same configuration (see {self.out_dir}/config.yaml)")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        loop = state["loop"]
+        self.epoch, self.global_step = loop["epoch"], loop["global_step"]
+        self.images_seen, self.history = loop["images_seen"], loop["history"]
+        self.train_seconds = loop.get("train_seconds", 0.0)
+        self.best_miou, self.best_epoch = loop["best_miou"], loop["best_epoch"]
+        self.stale_validations = loop["stale_validations"]
+        for plugin, pstate in zip(self.plugins, state.get("plugins", [])):
+            plugin.load_state_dict(pstate)
+        rng = state["rng"]
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        generator.set_state(rng["loader"])
+
+
+def read_history(run_dir: str | Path) -> list[dict[str, Any]]:
+    return json.loads((Path(run_dir) / "history.json").read_text())

@@ -1,0 +1,78 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from everseg.learn import ConfigError, DiceLoss, SegmentationLoss, compute_class_weights, load_config
+from everseg.learn.config import OptimConfig
+from everseg.learn.optim import lr_multiplier
+
+
+def test_ce_ignores_255_and_uses_class_weights():
+    logits = torch.tensor([[[[2.0, 0.0]], [[0.0, 1.0]]]])  # 1 x 2 classes x 1 x 2 pixels
+    target = torch.tensor([[[0, 255]]])
+    loss = SegmentationLoss("ce")(logits, target)
+    assert loss.item() == pytest.approx(math.log(1 + math.exp(-2.0)))
+    target = torch.tensor([[[0, 1]]])
+    w = torch.tensor([1.0, 3.0])
+    weighted = SegmentationLoss("ce", class_weights=w)(logits, target)
+    l0, l1 = math.log(1 + math.exp(-2.0)), math.log(1 + math.exp(-1.0))
+    assert weighted.item() == pytest.approx((1 * l0 + 3 * l1) / 4)
+
+
+def test_dice_by_hand():
+    # Perfectly confident logits: Dice reduces to the hard overlap.
+    logits = torch.full((1, 2, 1, 4), -50.0)
+    pred = torch.tensor([0, 0, 1, 1])
+    logits[0, pred, 0, torch.arange(4)] = 50.0
+    target = torch.tensor([[[0, 1, 1, 255]]])
+    # pixel 3 is ignored. class 0: pred {0,1}, truth {0}: dice = 2*1/(2+1); class 1: pred {2}, truth {1,2}: 2/3
+    expected = 1 - (2 / 3 + 2 / 3) / 2
+    got = DiceLoss(smooth=0.0)(logits, target).item()
+    assert got == pytest.approx(expected, abs=1e-5)
+    assert SegmentationLoss("ce+dice", dice_weight=0.5)(logits, target).item() == pytest.approx(
+        F.cross_entropy(logits, target, ignore_index=255).item() + 0.5 * DiceLoss()(logits, target).item(),
+        abs=1e-5)
+
+
+def test_median_frequency_weights_by_hand():
+    # 2 images x 3 classes; class 2 only in image 1.
+    counts = np.array([[30, 10, 0], [20, 0, 20]])
+    # freq(c) = pixels of c / pixels of images containing c
+    freq = np.array([50 / 80, 10 / 40, 20 / 40])
+    median = np.median(freq)
+    w = compute_class_weights(counts, "median_frequency", max_weight=100).numpy()
+    np.testing.assert_allclose(w, median / freq, rtol=1e-6)
+    clipped = compute_class_weights(counts, "median_frequency", max_weight=1.5).numpy()
+    assert clipped.max() == pytest.approx(1.5)
+    assert compute_class_weights(counts, "none") is None
+    with pytest.raises(ValueError, match="3 classes"):
+        compute_class_weights(counts, [1.0, 2.0])
+
+
+def test_schedules():
+    cfg = OptimConfig(schedule="poly", poly_power=1.0, warmup_epochs=0)
+    assert lr_multiplier(0, 10, 0, cfg) == pytest.approx(1.0)
+    assert lr_multiplier(5, 10, 0, cfg) == pytest.approx(0.5)
+    cfg = OptimConfig(schedule="cosine")
+    assert lr_multiplier(2, 12, 2, cfg) == pytest.approx(1.0)
+    assert lr_multiplier(7, 12, 2, cfg) == pytest.approx(0.5)
+    assert lr_multiplier(0, 12, 2, cfg) == pytest.approx(0.5)  # warm-up: (0+1)/2
+
+
+def test_config_yaml_overrides_and_errors(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  lr: 0.05\ntrain:\n  epochs: 3\n")
+    cfg = load_config(path, {"train.batch_size": 4, "data.crop_size": [64, 80]})
+    assert cfg.optim.lr == 0.05 and cfg.train.epochs == 3 and cfg.train.batch_size == 4
+    assert cfg.data.crop_size == (64, 80)
+    path.write_text("optim:\n  lr_typo: 0.05\n")
+    with pytest.raises(ConfigError, match=r"(?s)c\.yaml.*optim\.lr_typo"):
+        load_config(path)
+    path.write_text("model:\n  arch: segformer\n")
+    with pytest.raises(ConfigError, match="unknown arch"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")

@@ -1,0 +1,150 @@
+"""The training loop on real (tiny) images: learning, resume, fine-tuning modes, plugins."""
+
+import json
+
+import pytest
+import torch
+
+from everseg.data import open_dataset
+from everseg.learn import GradualUnfreeze, Plugin, Trainer, load_config
+from everseg.learn.run import build_datasets, build_model, finetune_plugins
+from everseg.models import load_model
+
+
+def tiny_config(data_path, **overrides):
+    base = {"data.path": str(data_path), "data.dataset": "folder", "data.val_split": "test",
+            "data.crop_size": [48, 64], "data.scale": [0.8, 1.2], "model.arch": "deeplabv3plus",
+            "model.backbone": "mobilenet_v2", "model.pretrained": False, "train.epochs": 3,
+            "train.batch_size": 4, "train.log_every": 1, "optim.lr": 0.05, "train.bf16": "off"}
+    base.update(overrides)
+    return load_config(None, base)
+
+
+def make_trainer(cfg, out, plugins=()):
+    train_set, val_set = build_datasets(cfg)
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg, train_set)
+    return Trainer(model, train_set, val_set, cfg, out, plugins=[*finetune_plugins(cfg), *plugins],
+                   progress=False)
+
+
+def test_fit_writes_run_folder_and_learns(tiny_camvid, tmp_path):
+    cfg = tiny_config(tiny_camvid, **{"train.epochs": 4})
+    result = make_trainer(cfg, tmp_path / "run").fit()
+    run = tmp_path / "run"
+    for name in ("config.yaml", "checkpoint.pt", "history.json", "model/config.json"):
+        assert (run / name).is_file(), name
+    assert list((run / "tensorboard").iterdir())
+    history = json.loads((run / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [0, 1, 2, 3]
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert result.best_miou is not None and 0 <= result.best_miou <= 100
+    model = load_model(run / "model")
+    assert model.label_space.names[0] == "Sky"
+
+
+class Crash(Plugin):
+    """Simulates a killed process: raises in the middle of epoch ``epoch``."""
+
+    def __init__(self, epoch):
+        self.epoch = epoch
+
+    def after_step(self, trainer, batch, output):
+        if trainer.epoch == self.epoch:
+            raise KeyboardInterrupt("killed")
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(tiny_camvid, tmp_path):
+    cfg = tiny_config(tiny_camvid, **{"data.val_split": None})
+    full = make_trainer(cfg, tmp_path / "full")
+    full.fit()
+    with pytest.raises(KeyboardInterrupt):
+        make_trainer(cfg, tmp_path / "cut", plugins=[Crash(epoch=2)]).fit()
+    state = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)
+    assert state["loop"]["epoch"] == 2  # two whole epochs kept, the third lost
+    resumed = make_trainer(cfg, tmp_path / "cut")
+    result = resumed.fit(resume=True)
+    assert result.epochs_run == 3
+    assert len(result.history) == 3
+    for (k, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=f"{k} differs after resume")
+
+
+def test_resume_refuses_other_model_settings(tiny_camvid, tmp_path):
+    cfg = tiny_config(tiny_camvid, **{"train.epochs": 1, "data.val_split": None})
+    make_trainer(cfg, tmp_path / "run").fit()
+    other = tiny_config(tiny_camvid, **{"train.epochs": 2, "data.val_split": None, "model.dropout": 0.3})
+    with pytest.raises(ValueError, match="differ"):
+        make_trainer(other, tmp_path / "run").fit(resume=True)
+
+
+def test_frozen_backbone_keeps_backbone_and_its_statistics(tiny_camvid, tmp_path):
+    cfg = tiny_config(tiny_camvid, **{"train.epochs": 1, "train.finetune": "frozen", "data.val_split": None})
+    trainer = make_trainer(cfg, tmp_path / "run")
+    before = {k: v.clone() for k, v in trainer.model.backbone.state_dict().items()}
+    head_before = trainer.model.classifier.weight.detach().clone()
+    trainer.fit()
+    for k, v in trainer.model.backbone.state_dict().items():
+        if v.dtype.is_floating_point:
+            torch.testing.assert_close(v, before[k], msg=f"backbone {k} changed")
+    assert not torch.equal(trainer.model.classifier.weight, head_before)
+
+
+def test_gradual_unfreeze_opens_deepest_chunks_first(tiny_camvid, tmp_path):
+    cfg = tiny_config(tiny_camvid, **{"data.val_split": None})
+    trainer = make_trainer(cfg, tmp_path / "run")
+    plugin = GradualUnfreeze(every=1, chunks=2)
+    params = list(trainer.model.backbone.parameters())
+    for epoch, (first, last) in enumerate([(False, False), (False, True), (True, True)]):
+        trainer.epoch = epoch
+        trainer.model.train()
+        plugin.on_epoch_start(trainer)
+        assert params[0].requires_grad is first and params[-1].requires_grad is last
+
+
+def test_extra_loss_terms_and_hooks_are_called(tiny_camvid, tmp_path):
+    calls = []
+
+    class Probe(Plugin):
+        needs_features = True
+
+        def on_fit_start(self, trainer):
+            calls.append("fit_start")
+
+        def loss_terms(self, trainer, batch, output):
+            assert output.features is not None and "backbone" in output.features
+            return {"probe": output.logits.float().pow(2).mean() * 1e-3}
+
+        def on_fit_end(self, trainer):
+            calls.append("fit_end")
+
+    cfg = tiny_config(tiny_camvid, **{"train.epochs": 1, "data.val_split": None})
+    result = make_trainer(cfg, tmp_path / "run", plugins=[Probe()]).fit()
+    assert calls == ["fit_start", "fit_end"]
+    assert "loss_probe" in result.history[0] and "loss_seg" in result.history[0]
+
+
+def test_transfer_from_another_model_reinitialises_head(tiny_camvid, tmp_path):
+    cfg = tiny_config(tiny_camvid, **{"train.epochs": 1, "data.val_split": None})
+    make_trainer(cfg, tmp_path / "src").fit()
+    # Same data, different class set: a binary "Road vs rest" copy of the dataset.
+    binary = tmp_path / "binary"
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    shutil.copytree(tiny_camvid, binary)
+    (binary / "classes.txt").write_text("rest\nroad\n")
+    for p in (binary / "masks").glob("*.png"):
+        m = np.array(Image.open(p))
+        Image.fromarray(np.where(m == 255, 255, (m == 3).astype(np.uint8))).save(p)
+    cfg2 = tiny_config(binary, **{"train.epochs": 1, "data.val_split": None,
+                                  "model.init_from": str(tmp_path / "src" / "model")})
+    trainer = make_trainer(cfg2, tmp_path / "dst")
+    src_model = load_model(tmp_path / "src" / "model")
+    assert trainer.model.classifier.out_channels == 2
+    first = next(iter(src_model.backbone.state_dict()))
+    torch.testing.assert_close(trainer.model.backbone.state_dict()[first], src_model.backbone.state_dict()[first])
+    trainer.fit()
+    assert load_model(tmp_path / "dst" / "model").label_space.names == ("rest", "road")
