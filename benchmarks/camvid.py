@@ -1,0 +1,105 @@
+"""CamVid-11: train the recipe in configs/camvid.yaml, evaluate on the 233 test images at 360x480.
+
+    python benchmarks/camvid.py                       # the ImageNet-pretrained recipe
+    python benchmarks/camvid.py --variant random      # same recipe, random initialisation
+    python benchmarks/camvid.py --variant frozen      # same recipe, frozen backbone
+
+Each variant writes results/camvid-<variant>.json; the table in README.md is rebuilt from
+every variant's JSON found there. Training runs go to benchmarks/runs/ (not committed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from common import BENCH_DIR, SHARED_DATA, machine_info, update_readme_section, write_json
+from everseg.data import load_camvid
+from everseg.evaluate import evaluate
+from everseg.learn import load_config, train
+from everseg.learn.trainer import cpu_has_native_bf16
+from everseg.models import load_model
+
+VARIANTS = {
+    "pretrained": {},
+    "random": {"model.pretrained": False},
+    "frozen": {"train.finetune": "frozen"},
+}
+PUBLISHED = [("SegNet", 46.4), ("FCN-8", 57.0), ("DeepLab-LargeFOV", 61.6), ("Bayesian SegNet", 63.1),
+             ("Dilation8", 65.3), ("FC-DenseNet103", 66.9)]
+CLASSES = ("Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence", "Car",
+           "Pedestrian", "Bicyclist")
+
+
+def run_variant(variant: str, config: Path, data: Path, overrides: dict, resume: bool = False) -> dict:
+    cfg = load_config(config, {"data.path": str(data), **VARIANTS[variant], **overrides})
+    out = BENCH_DIR / "runs" / f"camvid-{variant}"
+    start = time.perf_counter()
+    fit = train(cfg, out, resume=resume and (out / "checkpoint.pt").is_file())
+    train_minutes = fit.train_seconds / 60
+    model = load_model(fit.model_dir)
+    test = load_camvid(data, "test")
+    ev = evaluate(model, test, autocast_bf16=cpu_has_native_bf16(), channels_last=True, progress=False)
+    metrics = ev.metrics.to_dict(model.label_space)
+    return {
+        "variant": variant, "machine": machine_info(), "config": cfg.model_dump(mode="json"),
+        "epochs": fit.epochs_run, "train_minutes": round(train_minutes, 2),
+        "wall_minutes": round((time.perf_counter() - start) / 60, 2),
+        "train_images_seen": fit.images_seen, "test_images": ev.num_images,
+        "test_resolution": "360x480", "miou": metrics["miou"], "pixel_accuracy": metrics["pixel_accuracy"],
+        "mean_class_accuracy": metrics["mean_class_accuracy"], "per_class_iou": metrics["per_class_iou"],
+        "inference_images_per_second": ev.images_per_second,
+    }
+
+
+def table() -> str:
+    rows = []
+    for path in sorted((BENCH_DIR / "results").glob("camvid-*.json")):
+        rows.append(json.loads(path.read_text()))
+    order = {v: i for i, v in enumerate(VARIANTS)}
+    rows.sort(key=lambda r: order.get(r["variant"], 99))
+    head = "| model | mIoU | pixel acc. | train min | epochs | " + " | ".join(CLASSES) + " |\n"
+    head += "|---|---:|---:|---:|---:|" + "---:|" * len(CLASSES) + "\n"
+    lines = []
+    for r in rows:
+        c = r["config"]
+        name = (f"everseg {c['model']['arch']}/{c['model']['backbone']} OS{c['model']['output_stride']}, "
+                f"{r['variant']}")
+        per = " | ".join(f"{r['per_class_iou'][k]:.1f}" for k in CLASSES)
+        lines.append(f"| **{name}** | **{r['miou']:.1f}** | {r['pixel_accuracy']:.1f} | {r['train_minutes']:.0f} "
+                     f"| {r['epochs']} | {per} |")
+    for name, miou in PUBLISHED:
+        lines.append(f"| {name} (published) | {miou} | | | |" + " |" * len(CLASSES))
+    machine = rows[0]["machine"] if rows else machine_info()
+    data_note = ""
+    if rows:
+        c = rows[0]["config"]["data"]
+        data_note = (f"Trained on the `{c['train_split']}` split "
+                     f"({'train 367 + val 101 images, no model selection: the last epoch is kept' if c['train_split'] == 'trainval' else 'train 367 images'}); ")
+    return (f"## CamVid-11 (`python benchmarks/camvid.py [--variant pretrained|random|frozen]`)\n\n"
+            f"{data_note}evaluated on the 233 test images at 360x480, whole-image inference, no test-time "
+            f"augmentation. {machine['date']}, {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}, "
+            f"commit {machine['commit']}.\n\n" + head + "\n".join(lines) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--variant", choices=list(VARIANTS), default="pretrained")
+    parser.add_argument("--config", type=Path, default=BENCH_DIR.parent / "configs" / "camvid.yaml")
+    parser.add_argument("--data", type=Path, default=SHARED_DATA / "camvid")
+    parser.add_argument("--set", action="append", default=[], help="config override section.field=value")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted run of this variant")
+    args = parser.parse_args()
+    from everseg.learn import parse_override
+
+    overrides = dict(parse_override(s) for s in args.set)
+    result = run_variant(args.variant, args.config, args.data, overrides, resume=args.resume)
+    write_json(f"camvid-{args.variant}", result)
+    update_readme_section("camvid", table())
+    print(json.dumps({k: result[k] for k in ("variant", "miou", "train_minutes", "epochs")}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,3 @@
+from everseg.cli import main
+
+main()
