@@ -142,11 +142,11 @@ class SegmentationDataset(Dataset):
         other.name = name if name is not None else self.name
         return other
 
-    def class_pixel_counts(self) -> np.ndarray:
-        """Labelled pixels per class over the whole dataset (decodes if not cached)."""
-        counts = np.zeros(self.label_space.num_classes, dtype=np.int64)
+    def class_pixel_counts(self, per_image: bool = False) -> np.ndarray:
+        """Labelled pixels per class (images x classes if ``per_image``); decodes if not cached."""
+        n = self.label_space.num_classes
+        counts = np.zeros((len(self), n), dtype=np.int64)
         for i in range(len(self)):
             _, mask = self._cache[i] if self._cache is not None else self.load(i)
-            binc = np.bincount(mask.ravel(), minlength=256)
-            counts += binc[: self.label_space.num_classes]
-        return counts
+            counts[i] = np.bincount(mask.ravel(), minlength=256)[:n]
+        return counts if per_image else counts.sum(0)

@@ -61,7 +61,7 @@ def read_mask(path: str | Path, *, exif: bool = True) -> np.ndarray:
     """Raw label values: H x W (index, grayscale or 16-bit) or H x W x 3 (colour-coded).
 
     Palette ("P") PNGs give their palette indices, which is how VOC-style masks
-    store class ids. 16-bit masks are returned unscaled (uint16), since their
+    store class ids. 16-bit masks are returned unscaled (as int64), since their
     values are labels, not intensities.
     """
     path = Path(path)

@@ -60,6 +60,10 @@ class MaskMapping:
 
     def apply(self, raw: np.ndarray, path: str | Path) -> np.ndarray:
         """Class ids as uint8 H x W; raises DataError naming ``path`` on unknown values."""
+        if raw.ndim == 2 and self.lut is None and self.colors:
+            # read_mask collapses an RGB mask whose colours are all gray (e.g. only
+            # black background) to one channel; expand it back to compare colours.
+            raw = np.repeat(raw[..., None], 3, axis=2)
         if raw.ndim == 3:
             if not self.colors:
                 raise DataError(path, "mask is a colour image but this dataset expects "
