@@ -1,0 +1,88 @@
+"""``create_model``: one function from names to a ready :class:`Segmenter`."""
+
+from __future__ import annotations
+
+import os
+
+from everseg.data.labelspace import LabelSpace
+from everseg.models.backbones import OUTPUT_STRIDES, build_backbone, check_backbone_name
+from everseg.models.decoders import ARCHITECTURES, DECODERS, DEFAULT_DECODER_CHANNELS
+from everseg.models.segmenter import ModelConfig, Segmenter
+
+
+def create_model(
+    *,
+    arch: str,
+    backbone: str,
+    num_classes: int | None = None,
+    label_space: LabelSpace | None = None,
+    pretrained: bool | str | os.PathLike[str] = True,
+    output_stride: int = 16,
+    dropout: float = 0.1,
+    decoder_channels: int | None = None,
+) -> Segmenter:
+    """Build a segmentation model.
+
+    Args:
+        arch: decoder architecture, one of :data:`ARCHITECTURES`.
+        backbone: one of :data:`BACKBONES`, or ``"timm:<timm model name>"``.
+        num_classes: number of classes; names become ``class0``, ``class1``, ...
+        label_space: the classes (instead of, or consistent with, ``num_classes``).
+        pretrained: True loads the backbone's ImageNet weights (see
+            :func:`resolve_pretrained_weights`; raises :class:`WeightsUnavailableError`
+            when there are none), False initialises randomly, a path loads that file.
+            Only the backbone is pretrained; decoder and classifier start random.
+        output_stride: 8, 16 or 32: input size over the size of the deepest features,
+            obtained by dilating the last stage(s). U-Net ignores it and always uses
+            the undilated backbone (32), since its decoder recovers the resolution
+            through skip connections; its config then records 32.
+        dropout: dropout probability before the classifier.
+        decoder_channels: decoder width; None takes the architecture's default
+            (256, LR-ASPP 128). For U-Net, the width of the deepest block (halved per block).
+    """
+    if arch not in DECODERS:
+        raise ValueError(f"unknown arch {arch!r}; choose one of {list(ARCHITECTURES)}")
+    check_backbone_name(backbone)
+    label_space = _label_space(num_classes, label_space)
+    if output_stride not in OUTPUT_STRIDES:
+        raise ValueError(f"output_stride must be one of {OUTPUT_STRIDES}, got {output_stride!r}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+    if decoder_channels is None:
+        decoder_channels = DEFAULT_DECODER_CHANNELS[arch]
+    elif isinstance(decoder_channels, bool) or not isinstance(decoder_channels, int) or decoder_channels < 1:
+        raise ValueError(f"decoder_channels must be a positive int, got {decoder_channels!r}")
+    if not isinstance(pretrained, (bool, str, os.PathLike)):
+        raise TypeError(f"pretrained must be True, False or a file path, got {pretrained!r}")
+
+    effective_stride = 32 if arch == "unet" else output_stride
+    body = build_backbone(backbone, output_stride=effective_stride, pretrained=pretrained)
+    decoder = DECODERS[arch](body.channels, body.reductions, decoder_channels)
+    config = ModelConfig(
+        arch=arch,
+        backbone=backbone,
+        num_classes=label_space.num_classes,
+        output_stride=effective_stride,
+        dropout=float(dropout),
+        decoder_channels=decoder_channels,
+        mean=body.mean,
+        std=body.std,
+    )
+    return Segmenter(body, decoder, config, label_space)
+
+
+def _label_space(num_classes: int | None, label_space: LabelSpace | None) -> LabelSpace:
+    if label_space is not None:
+        if not isinstance(label_space, LabelSpace):
+            raise TypeError(f"label_space must be a LabelSpace, got {type(label_space).__name__}")
+        if num_classes is not None and num_classes != label_space.num_classes:
+            raise ValueError(
+                f"num_classes={num_classes} disagrees with the label space's "
+                f"{label_space.num_classes} classes"
+            )
+        return label_space
+    if num_classes is None:
+        raise ValueError("pass num_classes or label_space")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    return LabelSpace(names=tuple(f"class{i}" for i in range(num_classes)))

@@ -1,0 +1,205 @@
+"""The segmentation model: backbone -> decoder -> dropout -> 1x1 classifier."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from dataclasses import dataclass
+from itertools import chain
+from typing import Any, Literal, overload
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from everseg.data.labelspace import LabelSpace
+from everseg.models.backbones import Backbone
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to rebuild a model's architecture (weights are saved separately)."""
+
+    arch: str  # decoder architecture, one of ARCHITECTURES
+    backbone: str  # one of BACKBONES, or "timm:<timm model name>"
+    num_classes: int  # output channels of the classifier
+    output_stride: int = 16  # input size / size of the deepest features: 8, 16 or 32 (U-Net: always 32)
+    dropout: float = 0.1  # dropout probability right before the classifier
+    decoder_channels: int = 256  # decoder width; what it means per architecture: decoders.py
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # subtracted from [0, 1] RGB input
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)  # then divided by this
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["mean"] = list(self.mean)
+        d["std"] = list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are an error (they hint at a newer format)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown ModelConfig fields: {unknown}")
+        missing = [n for n in ("arch", "backbone", "num_classes") if n not in d]
+        if missing:
+            raise ValueError(f"ModelConfig is missing fields: {missing}")
+        values = dict(d)
+        for key in ("mean", "std"):
+            if key in values:
+                values[key] = tuple(float(v) for v in values[key])
+        for key in ("num_classes", "output_stride", "decoder_channels"):
+            if key in values:
+                values[key] = int(values[key])
+        if "dropout" in values:
+            values["dropout"] = float(values["dropout"])
+        return cls(**values)
+
+
+def _as_label_space(value: LabelSpace | int) -> LabelSpace:
+    if isinstance(value, LabelSpace):
+        return value
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"expected a LabelSpace or a positive number of classes, got {value!r}")
+    return LabelSpace(names=tuple(f"class{i}" for i in range(value)))
+
+
+class Segmenter(nn.Module):
+    """Semantic segmentation model.
+
+    ``forward`` takes RGB images as floats in [0, 1] (N x 3 x H x W, any H and W),
+    normalises them with the backbone's ``mean``/``std`` and returns logits
+    N x num_classes x H x W. Build one with :func:`~everseg.models.create_model`.
+
+    Attributes:
+        backbone: feature extractor (:class:`~everseg.models.backbones.Backbone`).
+        decoder: turns the feature maps into one map with ``decoder.out_channels`` channels.
+        classifier: the final 1x1 ``nn.Conv2d``, ``num_classes`` outputs.
+        config: :class:`ModelConfig`.
+        label_space: the classes the outputs stand for.
+        metadata: free JSON-serialisable dict saved with the model (training info etc.).
+    """
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        decoder: nn.Module,
+        config: ModelConfig,
+        label_space: LabelSpace | None = None,
+    ) -> None:
+        super().__init__()
+        label_space = _as_label_space(config.num_classes if label_space is None else label_space)
+        if label_space.num_classes != config.num_classes:
+            raise ValueError(
+                f"label space has {label_space.num_classes} classes, config says {config.num_classes}"
+            )
+        self.backbone = backbone
+        self.decoder = decoder
+        self.dropout = nn.Dropout(config.dropout)
+        self.classifier = self._new_classifier(config.num_classes)
+        self.config = config
+        self.label_space = label_space
+        self.metadata: dict[str, Any] = {}
+        self._backbone_frozen = False
+        # Not saved in the state dict: the config is the one place they are stored.
+        self.register_buffer("mean", torch.tensor(config.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(config.std).view(1, 3, 1, 1), persistent=False)
+
+    # ------------------------------------------------------------------ forward
+
+    @overload
+    def forward(self, x: torch.Tensor, return_features: Literal[False] = ...) -> torch.Tensor: ...
+
+    @overload
+    def forward(
+        self, x: torch.Tensor, return_features: Literal[True]
+    ) -> tuple[torch.Tensor, dict[str, Any]]: ...
+
+    def forward(
+        self, x: torch.Tensor, return_features: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, dict[str, Any]]:
+        """Logits for images ``x`` in [0, 1]; with ``return_features`` also the intermediate maps.
+
+        The features are ``{"backbone": [feature maps, shallowest first], "decoder":
+        decoder output before dropout and classifier}``.
+        """
+        if not torch.jit.is_tracing():  # checks are static under tracing (ONNX export)
+            if x.dim() != 4 or x.shape[1] != 3:
+                raise ValueError(f"expected images of shape N x 3 x H x W, got {tuple(x.shape)}")
+            if not x.is_floating_point():
+                raise TypeError(f"expected a float tensor with values in [0, 1], got {x.dtype}")
+        size = x.shape[-2:]
+        features = self.backbone((x - self.mean) / self.std)
+        decoded = self.decoder(features)
+        logits = self.classifier(self.dropout(decoded))
+        logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+        if return_features:
+            return logits, {"backbone": features, "decoder": decoded}
+        return logits
+
+    # ----------------------------------------------------------------- classes
+
+    @property
+    def num_classes(self) -> int:
+        return self.config.num_classes
+
+    def _new_classifier(self, num_classes: int) -> nn.Conv2d:
+        classifier = nn.Conv2d(self.decoder.out_channels, num_classes, kernel_size=1)
+        nn.init.normal_(classifier.weight, std=0.01)
+        nn.init.zeros_(classifier.bias)
+        return classifier
+
+    def reset_classifier(self, label_space_or_num_classes: LabelSpace | int) -> None:
+        """Replace the classifier with a freshly initialised one for a new class set."""
+        label_space = _as_label_space(label_space_or_num_classes)
+        old = self.classifier.weight
+        classifier = self._new_classifier(label_space.num_classes).to(device=old.device, dtype=old.dtype)
+        if old.is_contiguous(memory_format=torch.channels_last) and not old.is_contiguous():
+            classifier = classifier.to(memory_format=torch.channels_last)
+        self.classifier = classifier
+        self.config = dataclasses.replace(self.config, num_classes=label_space.num_classes)
+        self.label_space = label_space
+
+    def set_label_space(self, label_space: LabelSpace) -> None:
+        """Rename the classes (same count); use :meth:`reset_classifier` to change the count."""
+        if label_space.num_classes != self.num_classes:
+            raise ValueError(
+                f"label space has {label_space.num_classes} classes but the classifier has "
+                f"{self.num_classes}; use reset_classifier() to change the class count"
+            )
+        self.label_space = label_space
+
+    # ---------------------------------------------------------------- training
+
+    def backbone_parameters(self) -> Iterator[nn.Parameter]:
+        return self.backbone.parameters()
+
+    def head_parameters(self) -> Iterator[nn.Parameter]:
+        """Decoder and classifier parameters."""
+        return chain(self.decoder.parameters(), self.classifier.parameters())
+
+    @property
+    def backbone_frozen(self) -> bool:
+        return self._backbone_frozen
+
+    def freeze_backbone(self, frozen: bool = True) -> None:
+        """Stop (or restart) training the backbone.
+
+        A frozen backbone has ``requires_grad=False`` and stays in eval mode across
+        ``train()`` calls, so its BatchNorm statistics stay the pretrained ones (and
+        stochastic layers such as drop-path are off).
+        """
+        self._backbone_frozen = frozen
+        for p in self.backbone.parameters():
+            p.requires_grad_(not frozen)
+        self.backbone.train(self.training and not frozen)
+
+    def train(self, mode: bool = True) -> Segmenter:
+        super().train(mode)
+        if self._backbone_frozen:
+            self.backbone.eval()
+        return self
