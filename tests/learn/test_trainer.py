@@ -148,3 +148,29 @@ def test_transfer_from_another_model_reinitialises_head(tiny_camvid, tmp_path):
     torch.testing.assert_close(trainer.model.backbone.state_dict()[first], src_model.backbone.state_dict()[first])
     trainer.fit()
     assert load_model(tmp_path / "dst" / "model").label_space.names == ("rest", "road")
+
+
+class FixedModel(Plugin):
+    """Keeps the model in eval mode so that with lr 0 every validation scores the same."""
+
+    def on_epoch_start(self, trainer):
+        trainer.model.eval()
+
+
+def test_early_stopping_stops_when_miou_stalls(tiny_camvid, tmp_path):
+    cfg = tiny_config(tiny_camvid, **{"train.epochs": 6, "train.early_stopping": 2, "optim.lr": 0.0})
+    result = make_trainer(cfg, tmp_path / "run", plugins=[FixedModel()]).fit()
+    assert result.stopped_early and result.epochs_run == 3  # best at epoch 0, then 2 stale validations
+    assert result.best_epoch == 0
+
+
+def test_grad_accumulation_adamw_cosine_and_time_budget(tiny_camvid, tmp_path):
+    cfg = tiny_config(tiny_camvid, **{"train.epochs": 2, "train.batch_size": 2, "train.grad_accum": 2,
+                                      "optim.optimizer": "adamw", "optim.lr": 1e-3, "optim.schedule": "cosine",
+                                      "optim.warmup_epochs": 0.5, "data.val_split": None})
+    trainer = make_trainer(cfg, tmp_path / "run")
+    result = trainer.fit()
+    assert trainer.global_step == 2 * (8 // 2) // 2  # 4 batches an epoch, one step per two batches
+    assert result.epochs_run == 2
+    budget = tiny_config(tiny_camvid, **{"train.epochs": 50, "train.max_minutes": 1e-6, "data.val_split": None})
+    assert make_trainer(budget, tmp_path / "budget").fit().epochs_run == 1

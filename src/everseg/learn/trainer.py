@@ -121,6 +121,16 @@ class Trainer:
             image = image.contiguous(memory_format=torch.channels_last)
         return Batch(image=image.float().div_(255.0), mask=raw["mask"], stems=list(raw["stem"]))
 
+    def _data_summary(self) -> str:
+        parts = []
+        for role, ds in (("train", self.train_set), ("val", self.val_set)):
+            if ds is not None:
+                where = (f"decoded in memory, {ds.memory_bytes() / 2**20:.0f} MiB" if ds.is_cached
+                         else "decoded from disk each epoch")
+                parts.append(f"{role}: {len(ds)} images ({where})")
+        precision = "bfloat16 autocast" if self.use_bf16 else "float32"
+        return f"{'; '.join(parts)}; {precision}, {torch.get_num_threads()} threads"
+
     def request_stop(self) -> None:
         """Ask the loop to stop after the current epoch (plugins, signal handlers)."""
         self.stop_requested = True
@@ -142,6 +152,7 @@ class Trainer:
             self._load_checkpoint(generator)
         needs_features = any(p.needs_features for p in self.plugins)
         progress = TrainProgress(tc.epochs, len(loader), enabled=self.show_progress)
+        progress.message(self._data_summary())
         writer = self._tensorboard()
         for plugin in self.plugins:
             plugin.on_fit_start(self)
