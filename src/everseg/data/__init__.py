@@ -18,6 +18,8 @@ from everseg.data.io import read_image, read_mask
 from everseg.data.labelspace import IGNORE_INDEX, LabelSpace
 from everseg.data.masks import MaskMapping
 from everseg.data.open import DATASET_READERS, available_splits, detect_dataset, open_dataset
+from everseg.data.protocols import PROTOCOLS, get_protocol
+from everseg.data.scenarios import Scenario, ScenarioSpec, Step, StepSpec, build_scenario
 from everseg.data.transforms import AugmentConfig, resize_transform, train_transform
 from everseg.data.voc import VOC_LABELS, load_voc
 
@@ -53,4 +55,11 @@ __all__ = [
     "print_report",
     "fetch_dataset",
     "FetchError",
+    "PROTOCOLS",
+    "get_protocol",
+    "Scenario",
+    "ScenarioSpec",
+    "Step",
+    "StepSpec",
+    "build_scenario",
 ]

@@ -68,6 +68,8 @@ class SegmentationDataset(Dataset):
         self.name = name
         self.cache_limit_bytes = cache_limit_bytes
         self._cache: list[tuple[np.ndarray, np.ndarray]] | None = None
+        # Applied to decoded masks on access (incremental steps relabel without copying the cache).
+        self.label_map: np.ndarray | None = None
         if cache == "memory" or (cache == "auto" and self.memory_bytes() <= cache_limit_bytes):
             self.cache_in_memory()
 
@@ -119,8 +121,13 @@ class SegmentationDataset(Dataset):
         return self._cache is not None
 
     # -- access ---------------------------------------------------------------------------
-    def __getitem__(self, index: int) -> Item:
+    def decoded(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Image and class-id mask of sample ``index``, relabelled if this view has a label map."""
         image, mask = self._cache[index] if self._cache is not None else self.load(index)
+        return (image, mask) if self.label_map is None else (image, self.label_map[mask])
+
+    def __getitem__(self, index: int) -> Item:
+        image, mask = self.decoded(index)
         img_t = torch.from_numpy(image).permute(2, 0, 1)
         mask_t = torch.from_numpy(mask)
         if self.transform is not None:
@@ -142,11 +149,23 @@ class SegmentationDataset(Dataset):
         other.name = name if name is not None else self.name
         return other
 
+    def relabel(self, label_map: np.ndarray, label_space: LabelSpace,
+                name: str | None = None) -> "SegmentationDataset":
+        """A view whose masks go through ``label_map`` (256 entries: old id -> new id, 255 kept)."""
+        lut = np.asarray(label_map, dtype=np.uint8)
+        if lut.shape != (256,):
+            raise ValueError(f"label_map must have 256 entries, got shape {lut.shape}")
+        other = copy.copy(self)
+        other.label_map = lut if self.label_map is None else lut[self.label_map]
+        other.label_space = label_space
+        other.name = name if name is not None else self.name
+        return other
+
     def class_pixel_counts(self, per_image: bool = False) -> np.ndarray:
         """Labelled pixels per class (images x classes if ``per_image``); decodes if not cached."""
         n = self.label_space.num_classes
         counts = np.zeros((len(self), n), dtype=np.int64)
         for i in range(len(self)):
-            _, mask = self._cache[i] if self._cache is not None else self.load(i)
+            _, mask = self.decoded(i)
             counts[i] = np.bincount(mask.ravel(), minlength=256)[:n]
         return counts if per_image else counts.sum(0)
