@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import chain
@@ -161,6 +162,43 @@ class Segmenter(nn.Module):
         if old.is_contiguous(memory_format=torch.channels_last) and not old.is_contiguous():
             classifier = classifier.to(memory_format=torch.channels_last)
         self.classifier = classifier
+        self.config = dataclasses.replace(self.config, num_classes=label_space.num_classes)
+        self.label_space = label_space
+
+    def grow_classifier(self, label_space: LabelSpace, *, init: str = "background") -> None:
+        """Add the classes that ``label_space`` appends to the current ones, keeping the old weights.
+
+        ``init="background"`` is MiB's initialisation (Cermelli et al., CVPR 2020, sec. 3.3):
+        every new class starts as a copy of the background (class 0) classifier, and the
+        background and new biases are lowered by log(1 + new classes), so that the new
+        classes split what was the background probability and the probabilities of the
+        other old classes do not change. ``init="random"`` draws the new weights like a
+        fresh classifier (old logits are then unchanged, but the new classes take some
+        probability from every class).
+        """
+        old_n = self.num_classes
+        if tuple(label_space.names[:old_n]) != tuple(self.label_space.names):
+            raise ValueError(f"the new label space must start with the current classes "
+                             f"{list(self.label_space.names)}, got {list(label_space.names)}")
+        n_new = label_space.num_classes - old_n
+        if n_new <= 0:
+            raise ValueError("grow_classifier needs at least one new class")
+        if init not in ("background", "random"):
+            raise ValueError(f"init must be 'background' or 'random', not {init!r}")
+        old = self.classifier
+        grown = self._new_classifier(label_space.num_classes).to(device=old.weight.device,
+                                                                   dtype=old.weight.dtype)
+        with torch.no_grad():
+            grown.weight[:old_n] = old.weight
+            grown.bias[:old_n] = old.bias
+            if init == "background":
+                shift = math.log(n_new + 1)
+                grown.weight[old_n:] = old.weight[0]
+                grown.bias[old_n:] = old.bias[0] - shift
+                grown.bias[0] = old.bias[0] - shift
+        if old.weight.is_contiguous(memory_format=torch.channels_last) and not old.weight.is_contiguous():
+            grown = grown.to(memory_format=torch.channels_last)
+        self.classifier = grown
         self.config = dataclasses.replace(self.config, num_classes=label_space.num_classes)
         self.label_space = label_space
 
