@@ -6,6 +6,7 @@
 """
 
 from everseg.evaluate.confusion import ConfusionMatrix
+from everseg.evaluate.continual import ContinualReport, StepRecord
 from everseg.evaluate.inference import (
     EvaluationResult,
     evaluate,
@@ -29,8 +30,10 @@ from everseg.evaluate.report import (
 
 __all__ = [
     "ConfusionMatrix",
+    "ContinualReport",
     "EvaluationResult",
     "SegmentationMetrics",
+    "StepRecord",
     "colorize",
     "evaluate",
     "metrics_markdown",
