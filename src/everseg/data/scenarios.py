@@ -123,6 +123,7 @@ class Step:
     tests: dict[str, SegmentationDataset]  # test views: "all", or one per domain
     old_ids: tuple[int, ...]  # model ids learned before this step (scored ones only)
     new_ids: tuple[int, ...]  # model ids learned at this step (scored ones only)
+    joint_train: SegmentationDataset | None = None  # every image of steps <= this, all learned classes labelled
 
     @property
     def scored_ids(self) -> tuple[int, ...]:
@@ -205,6 +206,7 @@ def _class_incremental(spec: ScenarioSpec, pool: SegmentationDataset, test_set: 
     presence = pool.class_pixel_counts(per_image=True) > 0  # images x dataset classes
     steps: list[Step] = []
     learned: list[str] = []
+    seen_images: list[int] = []
     for t, st in enumerate(spec.steps):
         new = [c for c in st.classes if c != names[0] or not has_bg]
         candidates = _select(pool, st.images, base_dir)
@@ -230,6 +232,8 @@ def _class_incremental(spec: ScenarioSpec, pool: SegmentationDataset, test_set: 
         for c in learned_after:
             test_lut[data_ls.index(c)] = model_id[c]
         test = test_set.relabel(test_lut, step_ls, name=f"{spec.name}/step{t}/test")
+        seen_images = sorted(set(seen_images) | set(keep))
+        joint = pool.subset(seen_images).relabel(test_lut, step_ls, name=f"{spec.name}/step{t}/joint")
         old_ids = tuple(model_id[c] for c in learned)
         new_ids = tuple(model_id[c] for c in new)
         if has_bg and t == 0:
@@ -237,7 +241,7 @@ def _class_incremental(spec: ScenarioSpec, pool: SegmentationDataset, test_set: 
         steps.append(Step(index=t, name=st.name or f"step {t}", new_classes=tuple(new),
                           label_space=step_ls, train=train, tests={"all": test},
                           old_ids=old_ids if not (has_bg and t > 0) else (0,) + old_ids,
-                          new_ids=new_ids))
+                          new_ids=new_ids, joint_train=joint))
         learned = learned_after
     return Scenario(spec=spec, steps=steps, final_label_space=final_ls, synthetic_background=synthetic)
 
@@ -256,14 +260,17 @@ def _domain_incremental(spec: ScenarioSpec, pool: SegmentationDataset, test_set:
         tests = {"all": test_set}
     ids = tuple(range(ls.num_classes))
     steps = []
+    seen_images: list[int] = []
     for t, st in enumerate(spec.steps):
         idx = _select(pool, st.images, base_dir)
         if not idx:
             raise DataError(None, f"scenario {spec.name!r} step {t}: no training images")
+        seen_images = sorted(set(seen_images) | set(idx))
         steps.append(Step(index=t, name=st.name or (st.images if isinstance(st.images, str) else f"step {t}"),
                           new_classes=(), label_space=ls,
                           train=pool.subset(idx, name=f"{spec.name}/step{t}/train"), tests=tests,
-                          old_ids=ids if t else (), new_ids=() if t else ids))
+                          old_ids=ids if t else (), new_ids=() if t else ids,
+                          joint_train=pool.subset(seen_images, name=f"{spec.name}/step{t}/joint")))
     return Scenario(spec=spec, steps=steps, final_label_space=ls, synthetic_background=False)
 
 

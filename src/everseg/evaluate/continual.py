@@ -21,6 +21,7 @@ those learned at ``t``, ``all`` both. Definitions:
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -96,7 +97,8 @@ class ContinualReport:
         for k in range(n_groups):
             cols = [j for j, c in enumerate(self.classes) if self.taught_at[c] == k]
             if cols:
-                with np.errstate(all="ignore"):
+                with warnings.catch_warnings():  # all-NaN rows (before the group is taught) stay NaN
+                    warnings.simplefilter("ignore", RuntimeWarning)
                     g[:, k] = np.nanmean(a[:, cols], axis=1) if len(cols) > 1 else a[:, cols[0]]
         return [f"step {k}" for k in range(n_groups)], g
 

@@ -48,7 +48,10 @@ class Plugin:
         """May edit ``batch`` in place (add replayed samples, relabel, ...)."""
 
     def loss_terms(self, trainer: "Trainer", batch: Batch, output: StepOutput) -> dict[str, torch.Tensor]:
-        """Extra loss terms, added to the segmentation loss and logged under their names."""
+        """Extra loss terms, added to the segmentation loss and logged under their names.
+
+        Returning a ``"seg"`` entry replaces the loop's own segmentation term.
+        """
         return {}
 
     def after_backward(self, trainer: "Trainer") -> None:

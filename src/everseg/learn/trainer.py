@@ -115,7 +115,7 @@ class Trainer:
                           num_workers=dc.num_workers, persistent_workers=dc.num_workers > 0,
                           worker_init_fn=_worker_init, generator=generator)
 
-    def _to_batch(self, raw: dict[str, Any]) -> Batch:
+    def to_batch(self, raw: dict[str, Any]) -> Batch:
         image = raw["image"]
         if self.config.train.channels_last:
             image = image.contiguous(memory_format=torch.channels_last)
@@ -177,7 +177,7 @@ class Trainer:
                 n_batches = 0
                 self.optimizer.zero_grad(set_to_none=True)
                 for i, raw in enumerate(loader):
-                    batch = self._to_batch(raw)
+                    batch = self.to_batch(raw)
                     for plugin in self.plugins:
                         plugin.before_forward(self, batch)
                     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.use_bf16):

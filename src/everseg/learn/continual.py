@@ -1,0 +1,158 @@
+"""Run a scenario: train every step with a strategy, test after each, keep the lineage.
+
+Each step ``t`` writes ``<out>/step<t>/`` (the Trainer's run folder, with the step's
+model in ``model/``); the model of step ``t`` starts as a copy of step ``t-1``'s, its
+classifier grown for the new classes. ``<out>/results.json`` / ``results.md`` /
+``iou_across_steps.png`` hold the continual metrics (:mod:`everseg.evaluate.continual`).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from everseg.data.scenarios import Scenario, Step
+from everseg.data.transforms import AugmentConfig, train_transform
+from everseg.evaluate.continual import ContinualReport, StepRecord
+from everseg.learn.config import RunConfig
+from everseg.learn.memory import ReplayMemory
+from everseg.learn.run import finetune_plugins
+from everseg.learn.strategies import Strategy, build_strategies
+from everseg.learn.strategies.base import ContinualContext
+from everseg.learn.trainer import Trainer, cpu_has_native_bf16
+
+
+def _frozen_copy(model: nn.Module) -> nn.Module:
+    old = copy.deepcopy(model).eval()
+    for p in old.parameters():
+        p.requires_grad_(False)
+    return old
+
+
+def _augment(cfg: RunConfig):
+    dc = cfg.data
+    return train_transform(AugmentConfig(crop_size=dc.crop_size, scale=dc.scale, base_size=dc.base_size,
+                                         hflip=dc.hflip, rotation=dc.rotation, color_jitter=dc.color_jitter))
+
+
+def _new_model(cfg: RunConfig, step: Step) -> nn.Module:
+    from everseg.models import create_model
+
+    mc = cfg.model
+    return create_model(arch=mc.arch, backbone=mc.backbone, label_space=step.label_space,
+                        pretrained=mc.pretrained, output_stride=mc.output_stride, dropout=mc.dropout,
+                        decoder_channels=mc.decoder_channels)
+
+
+def evaluate_step(model: nn.Module, step: Step, bf16: bool) -> tuple[dict[str, float | None], dict[str, float | None]]:
+    """IoU of every scored class on the step's main test view, and mIoU per test view."""
+    from everseg.evaluate import evaluate
+
+    class_iou: dict[str, float | None] = {}
+    domain_miou: dict[str, float | None] = {}
+    names = step.label_space.names
+    for view_name, view in step.tests.items():
+        res = evaluate(model, view, autocast_bf16=bf16, channels_last=True, progress=False)
+        iou = res.metrics.iou
+        scored = list(step.scored_ids) or list(range(len(names)))
+        vals = [float(iou[i]) * 100 for i in scored if iou[i] == iou[i]]
+        domain_miou[view_name] = sum(vals) / len(vals) if vals else None
+        if view_name == "all" or not class_iou:
+            class_iou = {names[i]: (None if iou[i] != iou[i] else float(iou[i]) * 100) for i in scored}
+    return class_iou, domain_miou
+
+
+def run_scenario(scenario: Scenario, strategy: str | Sequence[Strategy], cfg: RunConfig, out_dir: str | Path, *,
+                 step_epochs: int | None = None, base_model: str | Path | None = None,
+                 memory_size: int = 20, memory_policy: str = "class_balanced",
+                 progress: bool = True) -> ContinualReport:
+    """Train and test every step of ``scenario``; ``strategy`` is e.g. ``"mib"`` or ``"plop+replay"``.
+
+    ``cfg`` gives the model, optimiser and augmentation; step 0 trains ``cfg.train.epochs``
+    epochs, later steps ``step_epochs`` (default: the same). ``base_model`` is a model
+    folder that already learned step 0 (its classes must be step 0's): step 0 is then
+    evaluated, not trained, so strategies can share one base.
+    """
+    from everseg.models import load_model, save_model
+
+    out = Path(out_dir)
+    name = strategy if isinstance(strategy, str) else "+".join(s.name for s in strategy)
+    strategies = build_strategies(strategy) if isinstance(strategy, str) else list(strategy)
+    joint = name == "joint"
+    memory = None
+    if any(s.uses_memory for s in strategies):
+        memory = ReplayMemory(memory_size, policy=memory_policy, seed=cfg.train.seed)
+    head_init = "background" if any(s.head_init == "background" for s in strategies) else "random"
+    bf16 = cfg.train.bf16 == "on" or (cfg.train.bf16 == "auto" and cpu_has_native_bf16())
+    augment = _augment(cfg)
+
+    sc_kind = scenario.spec.kind
+    final_ls = scenario.final_label_space
+    scored = [final_ls.names[i] for i in scenario.steps[-1].scored_ids]
+    report = ContinualReport(scenario=scenario.spec.name, strategy=name, kind=sc_kind, classes=scored,
+                             taught_at={c: final_ls.taught_at[final_ls.index(c)] for c in scored},
+                             domains=list(scenario.steps[0].tests) if sc_kind == "domain" else [])
+    if sc_kind == "domain":
+        groups = {d: scenario.spec.test_domains.get(d) for d in report.domains}
+        report.learned_at = {d: next((k for k, st in enumerate(scenario.spec.steps) if st.images == g), 0)
+                             for d, g in groups.items()}
+    model: nn.Module | None = None
+    for step in scenario.steps:
+        t = step.index
+        step_dir = out / f"step{t}"
+        epochs = cfg.train.epochs if t == 0 or step_epochs is None else step_epochs
+        step_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": epochs})})
+        old_model = None if model is None else _frozen_copy(model)
+        if t == 0 and sc_kind == "domain" and base_model is None:
+            # The untrained model's score is the reference of forward transfer.
+            report.initial_domain_miou = evaluate_step(_new_model(cfg, step), step, bf16)[1]
+        if t == 0 and base_model is not None:
+            model = load_model(base_model)
+            if model.label_space.names != step.label_space.names:
+                raise ValueError(f"{base_model}: its classes {list(model.label_space.names)} are not step 0's "
+                                 f"{list(step.label_space.names)}")
+            seconds, seen = 0.0, 0
+        else:
+            if joint or model is None:
+                model = _new_model(cfg, step)  # joint retrains from the pretrained backbone each step
+            elif step.label_space.num_classes > model.num_classes:
+                model = copy.deepcopy(model)
+                model.grow_classifier(step.label_space, init=head_init)
+            else:
+                model = copy.deepcopy(model)
+            data = step.joint_train if joint else step.train
+            ctx = ContinualContext(step=step, step_index=t, old_model=None if joint else old_model,
+                                   old_num_classes=0 if old_model is None else old_model.num_classes,
+                                   memory=memory)
+            active = [] if joint else strategies
+            for s in active:
+                s.begin_step(ctx)
+            torch.manual_seed(cfg.train.seed + t)
+            trainer = Trainer(model, data.with_transform(augment), None, step_cfg, step_dir,
+                              plugins=[*finetune_plugins(cfg), *active], progress=progress)
+            start = time.perf_counter()
+            fit = trainer.fit()
+            seconds, seen = time.perf_counter() - start, fit.images_seen
+            for s in active:
+                s.end_step(ctx, trainer)
+            if memory is not None:
+                memory.update(step.train, step=t)
+        model.metadata = {**getattr(model, "metadata", {}), "scenario": scenario.spec.name, "strategy": name,
+                          "step": t, "parent": str(out / f"step{t - 1}" / "model") if t else
+                          (str(base_model) if base_model else None)}
+        save_model(model, step_dir / "model")
+        if memory is not None:
+            memory.save(step_dir / "model" / "memory")  # travels with the model it belongs to
+        class_iou, domain_miou = evaluate_step(model, step, bf16)
+        names = step.label_space.names
+        report.steps.append(StepRecord(
+            step=t, name=step.name, seconds=seconds, images_seen=seen, class_iou=class_iou,
+            old_classes=[names[i] for i in step.old_ids], new_classes=[names[i] for i in step.new_ids],
+            domain_miou=domain_miou if sc_kind == "domain" else {}))
+        report.save(out)
+    return report

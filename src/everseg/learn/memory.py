@@ -1,0 +1,166 @@
+"""Replay memory: a fixed budget of labelled images kept from earlier steps, saved with the model.
+
+Which images to keep (the *policy*) is separate from the strategies that replay them:
+
+- ``reservoir`` (Vitter 1985; Chaudhry et al. 2019 for continual learning): every image
+  seen so far has the same chance, budget / seen, of being in memory;
+- ``class_balanced``: each class learned so far gets an equal share of the budget, filled
+  with the images where that class covers the most pixels (rare classes are kept).
+
+Items keep the mask as it was labelled when stored (the classes known then); class ids
+never change meaning later, since new classes are appended.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from everseg.atomic import atomic_write_json
+from everseg.data.dataset import SegmentationDataset
+from everseg.data.errors import DataError
+
+Policy = Literal["reservoir", "class_balanced"]
+
+
+@dataclass
+class MemoryItem:
+    stem: str
+    step: int
+    image: np.ndarray  # uint8 H x W x 3
+    mask: np.ndarray  # uint8 H x W, class ids as labelled at ``step``
+
+    def classes(self, ignore_index: int = 255) -> np.ndarray:
+        ids, counts = np.unique(self.mask, return_counts=True)
+        return ids[ids != ignore_index]
+
+
+class ReplayMemory:
+    def __init__(self, budget: int, *, policy: Policy = "class_balanced", seed: int = 0,
+                 ignore_background: bool = True):
+        if budget < 0:
+            raise ValueError("memory budget must be >= 0")
+        if policy not in ("reservoir", "class_balanced"):
+            raise ValueError(f"unknown memory policy {policy!r}; choose reservoir or class_balanced")
+        self.budget = budget
+        self.policy = policy
+        self.items: list[MemoryItem] = []
+        self.seen = 0  # images offered so far (reservoir)
+        self.rng = random.Random(seed)
+        self.ignore_background = ignore_background  # class 0 does not claim a share (class_balanced)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def update(self, dataset: SegmentationDataset, step: int) -> None:
+        """Offer every image of ``dataset`` (a step's training view) to the memory."""
+        if self.budget == 0:
+            return
+        if self.policy == "reservoir":
+            for i in range(len(dataset)):
+                self.seen += 1
+                if len(self.items) < self.budget:
+                    self.items.append(self._item(dataset, i, step))
+                else:
+                    j = self.rng.randrange(self.seen)
+                    if j < self.budget:
+                        self.items[j] = self._item(dataset, i, step)
+        else:
+            self._class_balanced(dataset, step)
+
+    @staticmethod
+    def _item(dataset: SegmentationDataset, i: int, step: int) -> MemoryItem:
+        image, mask = dataset.decoded(i)
+        return MemoryItem(dataset.samples[i].stem, step, image.copy(), mask.copy())
+
+    def _class_balanced(self, dataset: SegmentationDataset, step: int) -> None:
+        counts = dataset.class_pixel_counts(per_image=True)
+        candidates: dict[int, list[tuple[int, str, int]]] = {}  # class -> [(pixels, source, index)]
+        for item_idx, item in enumerate(self.items):
+            for c in item.classes():
+                if c == 0 and self.ignore_background:
+                    continue
+                candidates.setdefault(int(c), []).append((int((item.mask == c).sum()), "memory", item_idx))
+        for i in range(len(dataset)):
+            for c in np.nonzero(counts[i])[0]:
+                if c == 0 and self.ignore_background:
+                    continue
+                candidates.setdefault(int(c), []).append((int(counts[i, c]), "new", i))
+        if not candidates:
+            return
+        for lst in candidates.values():
+            lst.sort(key=lambda x: -x[0])
+        chosen: list[tuple[str, int]] = []
+        # Round-robin over classes, rarest first, each taking its best remaining image.
+        order = sorted(candidates, key=lambda c: len(candidates[c]))
+        pointers = {c: 0 for c in order}
+        while len(chosen) < self.budget and any(pointers[c] < len(candidates[c]) for c in order):
+            for c in order:
+                while pointers[c] < len(candidates[c]):
+                    _, src, idx = candidates[c][pointers[c]]
+                    pointers[c] += 1
+                    if (src, idx) not in chosen:
+                        chosen.append((src, idx))
+                        break
+                if len(chosen) >= self.budget:
+                    break
+        self.items = [self.items[idx] if src == "memory" else self._item(dataset, idx, step) for src, idx in chosen]
+
+    # ------------------------------------------------------------------ on disk
+    def save(self, directory: str | Path) -> Path:
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        index = []
+        for k, item in enumerate(self.items):
+            name = f"{k:04d}_{item.stem}"
+            Image.fromarray(item.image).save(d / f"{name}.png")
+            Image.fromarray(item.mask).save(d / f"{name}_mask.png")
+            index.append({"name": name, "stem": item.stem, "step": item.step})
+        atomic_write_json(d / "memory.json", {"budget": self.budget, "policy": self.policy, "seen": self.seen,
+                                              "items": index})
+        return d
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "ReplayMemory":
+        d = Path(directory)
+        meta_path = d / "memory.json"
+        if not meta_path.is_file():
+            raise DataError(meta_path, "no replay memory here (memory.json missing)")
+        meta = json.loads(meta_path.read_text())
+        mem = cls(meta["budget"], policy=meta["policy"])
+        mem.seen = meta.get("seen", 0)
+        for entry in meta["items"]:
+            img = np.array(Image.open(d / f"{entry['name']}.png").convert("RGB"))
+            mask = np.array(Image.open(d / f"{entry['name']}_mask.png"))
+            mem.items.append(MemoryItem(entry["stem"], entry["step"], img, mask))
+        return mem
+
+    def as_dataset(self, transform=None) -> "MemoryDataset":
+        return MemoryDataset(self, transform)
+
+
+class MemoryDataset(Dataset):
+    """The memory's items as training items, through the same joint transform as the step's data."""
+
+    def __init__(self, memory: ReplayMemory, transform=None):
+        self.memory = memory
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.memory)
+
+    def __getitem__(self, i: int) -> dict:
+        item = self.memory.items[i]
+        image = torch.from_numpy(item.image).permute(2, 0, 1)
+        mask = torch.from_numpy(item.mask)
+        if self.transform is not None:
+            image, mask = self.transform(image, mask)
+        return {"image": image.contiguous(), "mask": mask.long(), "stem": item.stem}

@@ -1,0 +1,185 @@
+"""Parameter-importance regularisers, EWC and MAS, and per-sample importance weighting of the loss.
+
+EWC and MAS estimate after each step how much every parameter mattered, and then
+penalise moving important parameters: ``sum_i Omega_i (theta_i - theta*_i)^2``, with
+``theta*`` the weights at the end of the previous step. Importance accumulates over
+steps (a running sum, as in online EWC, Schwarz et al. 2018). Classifier rows of classes
+added later have no previous value and are not penalised.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from everseg.learn.plugins import Batch, StepOutput
+from everseg.learn.strategies.base import Strategy
+
+
+class _ParameterImportance(Strategy, ABC):
+    """Shared machinery: store importance + anchor weights, add the quadratic penalty."""
+
+    def __init__(self, weight: float, max_batches: int, batch_size: int):
+        super().__init__()
+        self.weight, self.max_batches, self.batch_size = weight, max_batches, batch_size
+        self.importance: dict[str, torch.Tensor] = {}
+        self.anchor: dict[str, torch.Tensor] = {}
+
+    def _batches(self, trainer) -> Iterator[torch.Tensor | dict]:
+        data = trainer.train_set  # augmented like training, which is what the weights were fitted on
+        loader = DataLoader(data, batch_size=self.batch_size, shuffle=True,
+                            generator=torch.Generator().manual_seed(0))
+        for i, raw in enumerate(loader):
+            if i >= self.max_batches:
+                break
+            yield trainer.to_batch(raw)
+
+    @abstractmethod
+    def sample_importance(self, model: nn.Module, batch: Batch) -> None:
+        """Backpropagate the quantity whose gradient magnitude measures importance."""
+
+    def end_step(self, ctx, trainer) -> None:
+        model = trainer.model
+        was_training = model.training
+        model.eval()
+        sums = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+        batches = 0
+        for batch in self._batches(trainer):
+            model.zero_grad(set_to_none=True)
+            self.sample_importance(model, batch)
+            for n, p in model.named_parameters():
+                if p.grad is not None:
+                    sums[n] += self.grad_to_importance(p.grad.detach())
+            batches += 1
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+        for n, s in sums.items():
+            s /= max(1, batches)
+            prev = self.importance.get(n)
+            if prev is not None and prev.shape == s.shape:
+                s = s + prev
+            self.importance[n] = s
+        self.anchor = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    @staticmethod
+    def grad_to_importance(grad: torch.Tensor) -> torch.Tensor:
+        return grad.pow(2)
+
+    def penalty(self, model: nn.Module) -> torch.Tensor:
+        total = None
+        for n, p in model.named_parameters():
+            if n not in self.anchor:
+                continue
+            a, w = self.anchor[n], self.importance[n]
+            rows = min(a.shape[0], p.shape[0]) if a.dim() else None
+            if a.shape != p.shape:  # a grown classifier: only the old rows have an anchor
+                if a.shape[1:] != p.shape[1:]:
+                    continue
+                term = (w * (p[:rows] - a).pow(2)).sum()
+            else:
+                term = (w * (p - a).pow(2)).sum()
+            total = term if total is None else total + term
+        return total if total is not None else torch.zeros(())
+
+    def loss_terms(self, trainer, batch: Batch, output: StepOutput) -> dict[str, torch.Tensor]:
+        if not self.anchor:
+            return {}
+        return {self.name: self.weight * self.penalty(trainer.model)}
+
+    def state_dict(self):
+        return {"importance": self.importance, "anchor": self.anchor}
+
+    def load_state_dict(self, state) -> None:
+        self.importance, self.anchor = state.get("importance", {}), state.get("anchor", {})
+
+
+class EWC(_ParameterImportance):
+    """Elastic Weight Consolidation (Kirkpatrick et al., PNAS 2017).
+
+    Importance = diagonal empirical Fisher information: the mean squared gradient of the
+    per-pixel log-likelihood of the labels. Penalty ``weight/2 * sum F (theta - theta*)^2``.
+
+    Args:
+        weight: lambda (segmentation papers use 100 ... 5000; 500 here).
+        max_batches: batches used to estimate the Fisher information.
+    """
+
+    name = "ewc"
+
+    def __init__(self, weight: float = 500.0, max_batches: int = 16, batch_size: int = 4):
+        super().__init__(weight / 2, max_batches, batch_size)
+
+    def sample_importance(self, model, batch: Batch) -> None:
+        logits = model(batch.image)
+        F.cross_entropy(logits.float(), batch.mask, ignore_index=255).backward()
+
+
+class MAS(_ParameterImportance):
+    """Memory Aware Synapses (Aljundi et al., ECCV 2018).
+
+    Importance = mean absolute gradient of the squared L2 norm of the model's output,
+    which needs no labels. Penalty ``weight * sum Omega (theta - theta*)^2``.
+
+    Args:
+        weight: lambda (paper: 1; segmentation uses larger, 10 here).
+        max_batches: batches used to estimate the importance.
+    """
+
+    name = "mas"
+
+    def __init__(self, weight: float = 10.0, max_batches: int = 16, batch_size: int = 4):
+        super().__init__(weight, max_batches, batch_size)
+
+    def sample_importance(self, model, batch: Batch) -> None:
+        logits = model(batch.image).float()
+        logits.pow(2).sum(1).mean().backward()
+
+    @staticmethod
+    def grad_to_importance(grad: torch.Tensor) -> torch.Tensor:
+        return grad.abs()
+
+
+def per_sample_weights(losses: torch.Tensor, gamma: float) -> torch.Tensor:
+    """``(l_i / mean l)^gamma``, renormalised to mean 1: samples the old model gets wrong weigh more."""
+    w = (losses.clamp_min(1e-8) / losses.clamp_min(1e-8).mean()).pow(gamma)
+    return w / w.mean()
+
+
+class SampleWeighting(Strategy):
+    """Per-sample importance weighting of the segmentation loss.
+
+    Each image's cross-entropy is weighted by how badly the previous model does on it
+    (its own cross-entropy on the image's labels of classes it knows), raised to
+    ``gamma`` and normalised to mean 1: images that bring something new count more,
+    images the model already handles count less - importance weighting in the sense of
+    Shimodaira (2000), with the old model's loss as the importance. It replaces the
+    loop's "seg" term; at step 0 (no old model) it does nothing.
+
+    Args:
+        gamma: sharpness of the weighting (0 = every image weighs the same).
+    """
+
+    name = "weighting"
+
+    def __init__(self, gamma: float = 1.0):
+        super().__init__()
+        self.gamma = gamma
+
+    def loss_terms(self, trainer, batch: Batch, output: StepOutput) -> dict[str, torch.Tensor]:
+        if self.old_model is None:
+            return {}
+        ignore = trainer.train_set.label_space.ignore_index
+        target = batch.mask
+        valid = (target != ignore).flatten(1).sum(1).clamp_min(1)
+        with torch.no_grad():
+            old_logits = self.old_outputs(batch.image)
+            known = torch.where(target < old_logits.shape[1], target, torch.full_like(target, ignore))
+            old_loss = F.cross_entropy(old_logits.float(), known, ignore_index=ignore, reduction="none")
+            weights = per_sample_weights(old_loss.flatten(1).sum(1) / valid, self.gamma)
+        new_loss = F.cross_entropy(output.logits.float(), target, ignore_index=ignore, reduction="none")
+        return {"seg": (weights * new_loss.flatten(1).sum(1) / valid).mean()}

@@ -1,0 +1,60 @@
+"""Experience replay: mix images kept from earlier steps into every training batch."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+import torch.nn.functional as F
+
+from everseg.learn.plugins import Batch
+from everseg.learn.strategies.base import Strategy
+
+
+class Replay(Strategy):
+    """Rehearsal with a fixed-size memory (Rebuffi et al., iCaRL, CVPR 2017; Chaudhry et al. 2019).
+
+    Each batch gets ``fraction x batch size`` (at least one) memory images, augmented like
+    the step's data. Which images the memory keeps is the memory's policy
+    (:class:`~everseg.learn.memory.ReplayMemory`: reservoir or class-balanced), and the
+    memory is saved beside each step's model so a later session can continue.
+
+    Args:
+        fraction: replayed images per batch, relative to the batch size.
+    """
+
+    name = "replay"
+    uses_memory = True
+
+    def __init__(self, fraction: float = 0.5, seed: int = 0):
+        super().__init__()
+        if fraction <= 0:
+            raise ValueError("replay fraction must be positive")
+        self.fraction = fraction
+        self.rng = random.Random(seed)
+
+    def before_forward(self, trainer, batch: Batch) -> None:
+        memory = None if self.ctx is None else self.ctx.memory
+        if memory is None or len(memory) == 0:
+            return
+        k = max(1, round(batch.image.shape[0] * self.fraction))
+        data = memory.as_dataset(trainer.train_set.transform)
+        items = [data[self.rng.randrange(len(data))] for _ in range(k)]
+        size = batch.image.shape[-2:]
+        images, masks = [], []
+        for it in items:
+            img, m = it["image"], it["mask"]
+            if tuple(img.shape[-2:]) != tuple(size):  # no crop in the config: match the batch's size
+                img = F.interpolate(img[None].float(), size=size, mode="bilinear",
+                                    align_corners=False)[0].round().clamp(0, 255).to(torch.uint8)
+                m = F.interpolate(m[None, None].float(), size=size, mode="nearest")[0, 0].long()
+            images.append(img)
+            masks.append(m)
+        replay = trainer.to_batch({"image": torch.stack(images), "mask": torch.stack(masks),
+                                   "stem": [it["stem"] for it in items]})
+        batch.image = torch.cat([batch.image, replay.image]).contiguous(
+            memory_format=torch.channels_last if batch.image.is_contiguous(memory_format=torch.channels_last)
+            and not batch.image.is_contiguous() else torch.contiguous_format)
+        batch.mask = torch.cat([batch.mask, replay.mask])
+        batch.stems = batch.stems + replay.stems
+        batch.extra["replayed"] = k

@@ -1,0 +1,144 @@
+"""Each strategy's term on tiny tensors, against values computed by hand from the papers' definitions."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from everseg.learn.strategies import build_strategies
+from everseg.learn.strategies.distillation import output_distillation
+from everseg.learn.strategies.importance import EWC, MAS, per_sample_weights
+from everseg.learn.strategies.mer import MetaReplay
+from everseg.learn.strategies.mib import UnbiasedCrossEntropy, unbiased_distillation
+from everseg.learn.strategies.plop import local_pod_loss, normalized_entropy, pod_embedding, pseudo_label
+
+
+def px(*values):
+    """One pixel: a 1 x C x 1 x 1 logit tensor."""
+    return torch.tensor(values, dtype=torch.float32).view(1, -1, 1, 1)
+
+
+def test_lwf_is_cross_entropy_to_old_soft_outputs_on_old_classes():
+    old = px(0.0, 0.0)  # q = (1/2, 1/2)
+    new = px(math.log(3), 0.0, 5.0)  # on the old classes: p = (3/4, 1/4); the new class is left out
+    expected = -(0.5 * math.log(0.75) + 0.5 * math.log(0.25))
+    assert output_distillation(new, old).item() == pytest.approx(expected, rel=1e-6)
+    # Temperature softens both sides: T = 2 halves the logits.
+    expected_t = -(0.5 * math.log(math.sqrt(3) / (math.sqrt(3) + 1)) + 0.5 * math.log(1 / (math.sqrt(3) + 1)))
+    assert output_distillation(new, old, temperature=2.0).item() == pytest.approx(expected_t, rel=1e-6)
+
+
+def test_mib_unbiased_ce_merges_old_classes_into_background():
+    logits = px(1.0, 2.0, 0.5)  # background, old class 1, new class 2
+    z = math.exp(1) + math.exp(2) + math.exp(0.5)
+    ce = UnbiasedCrossEntropy(old_classes=2)
+    bg = ce(logits, torch.zeros(1, 1, 1, dtype=torch.long)).item()
+    assert bg == pytest.approx(-math.log((math.exp(1) + math.exp(2)) / z), rel=1e-6)
+    new = ce(logits, torch.full((1, 1, 1), 2, dtype=torch.long)).item()
+    assert new == pytest.approx(-math.log(math.exp(0.5) / z), rel=1e-6)
+    ignored = ce(logits, torch.full((1, 1, 1), 255, dtype=torch.long)).item()
+    assert ignored == 0.0
+
+
+def test_mib_unbiased_distillation_merges_new_classes_into_background():
+    old = px(0.0, math.log(3))  # q = (1/4, 3/4)
+    new = px(0.0, 1.0, 2.0)
+    p = np.exp([0.0, 1.0, 2.0]) / np.exp([0.0, 1.0, 2.0]).sum()
+    expected = -(0.25 * math.log(p[0] + p[2]) + 0.75 * math.log(p[1])) / 2
+    assert unbiased_distillation(new, old).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_pod_embedding_and_loss_by_hand():
+    f = torch.tensor([[1.0, 2.0], [3.0, 4.0]]).view(1, 1, 2, 2)
+    ((emb,),) = pod_embedding(f, scales=(1,))
+    # squared [[1,4],[9,16]]: summed over height -> (10, 20), over width -> (5, 25)
+    expected = torch.tensor([10.0, 20.0, 5.0, 25.0]) / math.sqrt(1150)
+    torch.testing.assert_close(emb[0], expected)
+    assert [len(w) for w in pod_embedding(torch.rand(1, 2, 5, 7), scales=(1, 2, 4))] == [1, 4, 16]
+    assert local_pod_loss([f], [f.clone()]).item() == 0.0
+    g = torch.tensor([[1.0, 2.0], [3.0, 5.0]]).view(1, 1, 2, 2)
+    ((emb_g,),) = pod_embedding(g, scales=(1,))
+    assert local_pod_loss([f], [g], scales=(1,)).item() == pytest.approx(torch.linalg.vector_norm(emb - emb_g).item())
+
+
+def test_plop_pseudo_labels_confident_background_only():
+    # Pixel 0: background, old model sure of class 1 -> 1. Pixel 1: background, old model unsure -> ignore.
+    # Pixel 2: labelled new class 3 -> unchanged.
+    old = torch.tensor([[[[-5.0, 0.0, 0.0]], [[5.0, 0.0, 0.0]]]])  # 1 x 2 x 1 x 3
+    target = torch.tensor([[[0, 0, 3]]])
+    thresholds = torch.tensor([0.5, 0.5])
+    assert normalized_entropy(old.softmax(1))[0, 0, 1].item() == pytest.approx(1.0)
+    out = pseudo_label(target, old, thresholds)
+    assert out.tolist() == [[[1, 255, 3]]]
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 2, 1)
+
+    def forward(self, x, return_features=False):
+        return self.conv(x)
+
+
+def test_ewc_and_mas_penalties_are_importance_weighted_squared_distances():
+    model = Tiny()
+    for cls, scale in ((EWC, 0.5), (MAS, 1.0)):
+        s = cls(weight=2.0)
+        s.anchor = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+        s.importance = {n: torch.full_like(p, 3.0) for n, p in model.named_parameters()}
+        expected = sum((3.0 * p.detach().pow(2)).sum().item() for p in model.parameters())
+        assert s.penalty(model).item() * s.weight == pytest.approx(2.0 * scale * expected, rel=1e-5)
+    assert MAS.grad_to_importance(torch.tensor([-2.0])).item() == 2.0
+    assert EWC.grad_to_importance(torch.tensor([-2.0])).item() == 4.0
+
+
+def test_grown_classifier_only_old_rows_are_anchored():
+    s = EWC(weight=2.0)
+    p_old = torch.zeros(2, 4, 1, 1)
+    s.anchor = {"w": p_old}
+    s.importance = {"w": torch.ones_like(p_old)}
+
+    class Grown(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(3, 4, 1, 1))
+
+    assert s.penalty(Grown()).item() == pytest.approx(8.0)  # 2 old rows x 4 weights x (1 - 0)^2
+
+
+def test_per_sample_weights_by_hand():
+    w = per_sample_weights(torch.tensor([1.0, 3.0]), gamma=1.0)
+    torch.testing.assert_close(w, torch.tensor([0.5, 1.5]))
+    torch.testing.assert_close(per_sample_weights(torch.tensor([1.0, 3.0]), gamma=0.0), torch.ones(2))
+
+
+def test_mer_pulls_weights_back_towards_round_start():
+    class FakeTrainer:
+        def __init__(self):
+            self.model = Tiny()
+            self.global_step = 0
+
+    tr = FakeTrainer()
+    mer = MetaReplay(inner_steps=2, beta=0.5)
+    mer.on_fit_start(tr)
+    start = [p.detach().clone() for p in tr.model.parameters()]
+    with torch.no_grad():
+        for p in tr.model.parameters():
+            p.add_(1.0)
+    tr.global_step = 1
+    mer.after_step(tr, None, None)  # round not over: untouched
+    torch.testing.assert_close(next(tr.model.parameters()), start[0] + 1.0)
+    tr.global_step = 2
+    mer.after_step(tr, None, None)
+    for p, p0 in zip(tr.model.parameters(), start):
+        torch.testing.assert_close(p, p0 + 0.5)
+
+
+def test_strategy_names_compose():
+    assert [s.name for s in build_strategies("plop+replay")] == ["replay", "plop"]
+    assert build_strategies("finetune") == [] and build_strategies("joint") == []
+    with pytest.raises(ValueError, match="unknown"):
+        build_strategies("mib+magic")
