@@ -144,6 +144,105 @@ def demo(
                   f"overlays: {report / 'overlays'}/")
 
 
+scenario_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Incremental-learning scenarios.")
+app.add_typer(scenario_app, name="scenario")
+
+
+def _continual_config(config: Optional[Path], set_: list[str], epochs: Optional[int]):
+    from everseg.learn import load_config, parse_override
+
+    overrides = dict(parse_override(s) for s in set_)
+    if epochs is not None:
+        overrides["train.epochs"] = epochs
+    overrides.setdefault("data.val_split", None)
+    return load_config(config, overrides)
+
+
+@app.command()
+def learn(
+    model: Annotated[Path, typer.Option(help="The model to teach (model folder or run folder)")],
+    data: Annotated[Path, typer.Option(help="Dataset root with the new images")],
+    out: Annotated[Path, typer.Option(help="Run folder; the new model is OUT/model")],
+    new_classes: Annotated[Optional[str], typer.Option(
+        help="Comma-separated class names to add; omit to learn new data of the same classes")] = None,
+    strategy: Annotated[str, typer.Option(help="e.g. finetune, lwf, mib, plop+replay")] = "finetune",
+    dataset: DatasetOpt = None,
+    split: Annotated[str, typer.Option(help="Split with the new training images")] = "train",
+    test_split: Annotated[str, typer.Option(help="Split to measure old/new classes on")] = "test",
+    config: Annotated[Optional[Path], typer.Option(help="YAML config (augmentation, optimiser)")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Epochs over the new images")] = None,
+    memory_size: Annotated[int, typer.Option(help="Replay memory budget (images)")] = 20,
+    set_: Annotated[list[str], typer.Option("--set", help="Override a config field (repeatable)")] = [],
+    progress: Annotated[bool, typer.Option(help="Show progress")] = True,
+) -> None:
+    """Teach an existing model new classes or new data; the new model records its parent."""
+    from everseg.data import DataError, open_dataset
+    from everseg.data.scenarios import align_labels, build_scenario
+    from everseg.learn.continual import class_incremental_spec, domain_spec, run_scenario
+    from everseg.workflows import load_trained_model, resolve_model_dir
+
+    try:
+        model_dir = resolve_model_dir(model)
+        base = load_trained_model(model_dir)
+        cfg = _continual_config(config, set_, epochs)
+        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={
+            "arch": base.config.arch, "backbone": base.config.backbone, "output_stride": base.config.output_stride})})
+        pool = open_dataset(data, dataset=dataset, split=split)
+        test = open_dataset(data, dataset=dataset, split=test_split)
+        if new_classes:
+            spec = class_incremental_spec(base.label_space.names, [c.strip() for c in new_classes.split(",")])
+        else:  # same classes, new data: speak the model's class ids
+            spec = domain_spec()
+            pool, test = align_labels(pool, base.label_space), align_labels(test, base.label_space)
+        scenario = build_scenario(spec, pool, test, base_trained=True)
+        report = run_scenario(scenario, strategy, cfg, out, base_model=model_dir, memory_size=memory_size,
+                              progress=progress)
+    except (DataError, ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    report.print_table(Console())
+    console.print(f"new model: {out / 'model'} (parent: {model_dir})")
+
+
+@scenario_app.command("run")
+def scenario_run(
+    data: Annotated[Path, typer.Option(help="Dataset root")],
+    out: Annotated[Path, typer.Option(help="Run folder: step models, results.json/.md, plot")],
+    protocol: Annotated[Optional[str], typer.Option(help="Built-in protocol, e.g. camvid-6-1, voc-15-1-overlap")] = None,
+    scenario: Annotated[Optional[Path], typer.Option(help="Scenario YAML (instead of --protocol)")] = None,
+    strategy: Annotated[str, typer.Option(help="finetune | joint | a '+' combination of strategies")] = "finetune",
+    dataset: DatasetOpt = None,
+    config: Annotated[Optional[Path], typer.Option(help="YAML config (model, augmentation, optimiser)")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Epochs of step 0")] = None,
+    step_epochs: Annotated[Optional[int], typer.Option(help="Epochs of each later step (default: as step 0)")] = None,
+    base_model: Annotated[Optional[Path], typer.Option(help="A model that already learned step 0")] = None,
+    memory_size: Annotated[int, typer.Option(help="Replay memory budget (images)")] = 20,
+    set_: Annotated[list[str], typer.Option("--set", help="Override a config field (repeatable)")] = [],
+    progress: Annotated[bool, typer.Option(help="Show progress")] = True,
+) -> None:
+    """Run every step of a scenario with a strategy and write the continual metrics."""
+    from everseg.data import DataError, open_dataset
+    from everseg.data.protocols import get_protocol
+    from everseg.data.scenarios import ScenarioSpec, build_scenario
+    from everseg.learn.continual import run_scenario
+
+    if (protocol is None) == (scenario is None):
+        _fail("give exactly one of --protocol and --scenario")
+    try:
+        spec = get_protocol(protocol) if protocol else ScenarioSpec.from_yaml(scenario)
+        kind = dataset or spec.dataset
+        pool = open_dataset(data, dataset=kind, split=spec.train_split)
+        test = open_dataset(data, dataset=kind, split=spec.test_split)
+        sc = build_scenario(spec, pool, test, base_dir=scenario.parent if scenario else None,
+                            base_trained=base_model is not None)
+        cfg = _continual_config(config, set_, epochs)
+        report = run_scenario(sc, strategy, cfg, out, step_epochs=step_epochs, base_model=base_model,
+                              memory_size=memory_size, progress=progress)
+    except (DataError, ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    report.print_table(Console())
+    console.print(f"results: {out / 'results.json'}, {out / 'results.md'}, {out / 'iou_across_steps.png'}")
+
+
 @data_app.command("check")
 def data_check(
     path: Annotated[Path, typer.Argument(help="Dataset root")],

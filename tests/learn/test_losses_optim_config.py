@@ -76,3 +76,10 @@ def test_config_yaml_overrides_and_errors(tmp_path):
         load_config(path)
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_time_budget_moves_the_decay_along():
+    cfg = OptimConfig(schedule="poly", poly_power=1.0)
+    assert lr_multiplier(1, 100, 0, cfg, time_progress=0.5) == pytest.approx(0.5)
+    assert lr_multiplier(80, 100, 0, cfg, time_progress=0.5) == pytest.approx(0.2)  # steps are further
+    assert lr_multiplier(0, 100, 2, cfg, time_progress=0.9) == pytest.approx(0.5)  # warm-up still first

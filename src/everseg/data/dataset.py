@@ -73,6 +73,31 @@ class SegmentationDataset(Dataset):
         if cache == "memory" or (cache == "auto" and self.memory_bytes() <= cache_limit_bytes):
             self.cache_in_memory()
 
+    @classmethod
+    def from_arrays(cls, images: Sequence[np.ndarray], masks: Sequence[np.ndarray], label_space: LabelSpace,
+                    stems: Sequence[str] | None = None, name: str = "in-memory") -> "SegmentationDataset":
+        """A dataset of images (uint8 H x W x 3) and class-id masks already in memory."""
+        if len(images) != len(masks):
+            raise ValueError(f"{len(images)} images but {len(masks)} masks")
+        stems = list(stems) if stems is not None else [f"{name}-{i}" for i in range(len(images))]
+        pairs = []
+        for stem, image, mask in zip(stems, images, masks):
+            image, mask = np.asarray(image, dtype=np.uint8), np.asarray(mask, dtype=np.uint8)
+            if image.ndim != 3 or image.shape[2] != 3:
+                raise DataError(stem, f"image must be H x W x 3, got shape {image.shape}")
+            if mask.shape != image.shape[:2]:
+                raise DataError(stem, f"mask is {mask.shape} but the image is {image.shape[:2]}")
+            bad = mask[(mask >= label_space.num_classes) & (mask != label_space.ignore_index)]
+            if bad.size:
+                raise DataError(stem, f"mask has label values {np.unique(bad)[:10].tolist()} outside the "
+                                      f"{label_space.num_classes} classes")
+            pairs.append((image, mask))
+        ds = cls.__new__(cls)
+        ds.samples = [Sample(Path(f"<{name}>/{s}"), None, s) for s in stems]
+        ds.label_space, ds.mask_mapping, ds.transform, ds.name = label_space, None, None, name
+        ds.cache_limit_bytes, ds._cache, ds.label_map = DEFAULT_CACHE_LIMIT_BYTES, pairs, None
+        return ds
+
     def __len__(self) -> int:
         return len(self.samples)
 

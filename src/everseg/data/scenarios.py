@@ -31,7 +31,7 @@ import yaml
 
 from everseg.data.dataset import SegmentationDataset
 from everseg.data.errors import DataError
-from everseg.data.labelspace import LabelSpace
+from everseg.data.labelspace import LabelSpace, default_palette
 
 BACKGROUND = "background"
 Setting = Literal["overlap", "disjoint"]
@@ -176,19 +176,24 @@ def _select(pool: SegmentationDataset, images: str | tuple[str, ...] | None,
 
 
 def build_scenario(spec: ScenarioSpec, train_pool: SegmentationDataset, test_set: SegmentationDataset,
-                   *, base_dir: str | Path | None = None) -> Scenario:
-    """Resolve ``spec`` on real data: which images each step uses and how its masks are labelled."""
+                   *, base_dir: str | Path | None = None, base_trained: bool = False) -> Scenario:
+    """Resolve ``spec`` on real data: which images each step uses and how its masks are labelled.
+
+    ``base_trained``: step 0 was learned elsewhere (an existing model), so this data need
+    not hold (or even name) its classes, and step 0 gets no training images.
+    """
     base = Path(base_dir) if base_dir is not None else None
     if spec.kind == "class":
-        return _class_incremental(spec, train_pool, test_set, base)
+        return _class_incremental(spec, train_pool, test_set, base, base_trained)
     return _domain_incremental(spec, train_pool, test_set, base)
 
 
 def _class_incremental(spec: ScenarioSpec, pool: SegmentationDataset, test_set: SegmentationDataset,
-                       base_dir: Path | None) -> Scenario:
+                       base_dir: Path | None, base_trained: bool = False) -> Scenario:
     data_ls = pool.label_space
     names = data_ls.names
-    unknown = [c for st in spec.steps for c in st.classes if c not in names]
+    later = spec.steps[1:] if base_trained else spec.steps
+    unknown = [c for st in later for c in st.classes if c not in names]
     if unknown:
         raise DataError(None, f"scenario {spec.name!r} names classes {unknown} that the dataset lacks "
                               f"(classes: {list(names)})")
@@ -197,7 +202,9 @@ def _class_incremental(spec: ScenarioSpec, pool: SegmentationDataset, test_set: 
     bg_data_id = 0 if has_bg else None
     order = [c for st in spec.steps for c in st.classes if c != names[0] or not has_bg]
     model_names = (BACKGROUND,) + tuple(order)
-    palette = ((0, 0, 0),) + tuple(data_ls.palette[data_ls.index(c)] for c in order)
+    fallback = default_palette(len(model_names))
+    palette = ((0, 0, 0),) + tuple(data_ls.palette[data_ls.index(c)] if c in names else fallback[k + 1]
+                                   for k, c in enumerate(order))
     taught = [0] + [i for i, st in enumerate(spec.steps) for c in st.classes if c != names[0] or not has_bg]
     final_ls = LabelSpace(names=model_names, ignore_index=data_ls.ignore_index, palette=palette,
                           taught_at=tuple(taught))
@@ -209,17 +216,18 @@ def _class_incremental(spec: ScenarioSpec, pool: SegmentationDataset, test_set: 
     seen_images: list[int] = []
     for t, st in enumerate(spec.steps):
         new = [c for c in st.classes if c != names[0] or not has_bg]
+        in_data = [c for c in new if c in names]  # all of them, except a base learned elsewhere
         candidates = _select(pool, st.images, base_dir)
-        new_cols = [data_ls.index(c) for c in new]
+        new_cols = [data_ls.index(c) for c in in_data]
         future_cols = [data_ls.index(c) for later in spec.steps[t + 1:] for c in later.classes]
-        keep = [i for i in candidates if presence[i, new_cols].any()
+        keep = [i for i in candidates if new_cols and presence[i, new_cols].any()
                 and not (st.setting == "disjoint" and future_cols and presence[i, future_cols].any())]
-        if not keep:
+        if not keep and not (base_trained and t == 0):
             raise DataError(None, f"scenario {spec.name!r} step {t}: no training image holds {new}")
         # Train: only this step's classes are labelled; everything else labelled is background.
         lut = np.full(256, 0, dtype=np.uint8)
         lut[data_ls.ignore_index] = data_ls.ignore_index
-        for c in new:
+        for c in in_data:
             lut[data_ls.index(c)] = model_id[c]
         learned_after = learned + new
         n_known = 1 + len(learned_after)
@@ -230,7 +238,8 @@ def _class_incremental(spec: ScenarioSpec, pool: SegmentationDataset, test_set: 
         test_lut = np.full(256, 0, dtype=np.uint8)
         test_lut[data_ls.ignore_index] = data_ls.ignore_index
         for c in learned_after:
-            test_lut[data_ls.index(c)] = model_id[c]
+            if c in names:
+                test_lut[data_ls.index(c)] = model_id[c]
         test = test_set.relabel(test_lut, step_ls, name=f"{spec.name}/step{t}/test")
         seen_images = sorted(set(seen_images) | set(keep))
         joint = pool.subset(seen_images).relabel(test_lut, step_ls, name=f"{spec.name}/step{t}/joint")
@@ -283,3 +292,27 @@ def describe(scenario: Scenario) -> list[dict[str, Any]]:
     """One row per step: images, new classes, old/new ids (for reports and the CLI)."""
     return [{"step": s.index, "name": s.name, "images": len(s.train), "new_classes": list(s.new_classes),
              "old_ids": list(s.old_ids), "new_ids": list(s.new_ids)} for s in scenario.steps]
+
+
+def align_labels(dataset: SegmentationDataset, label_space: LabelSpace) -> SegmentationDataset:
+    """A view of ``dataset`` whose class ids are those of ``label_space`` (matched by name).
+
+    Dataset classes the label space lacks become background when it has one, and are an
+    error otherwise; ignore stays ignore.
+    """
+    if dataset.label_space.names == label_space.names:
+        return dataset
+    has_bg = _has_background(label_space)
+    lut = np.full(256, 0, dtype=np.uint8)
+    lut[dataset.label_space.ignore_index] = label_space.ignore_index
+    missing = []
+    for i, name in enumerate(dataset.label_space.names):
+        if name in label_space.names:
+            lut[i] = label_space.index(name)
+        elif has_bg:
+            lut[i] = 0
+        else:
+            missing.append(name)
+    if missing:
+        raise DataError(None, f"dataset {dataset.name!r} has classes {missing} that the model does not know")
+    return dataset.relabel(lut, label_space)

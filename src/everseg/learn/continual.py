@@ -16,7 +16,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from everseg.data.scenarios import Scenario, Step
+from everseg.data.scenarios import Scenario, ScenarioSpec, Step
 from everseg.data.transforms import AugmentConfig, train_transform
 from everseg.evaluate.continual import ContinualReport, StepRecord
 from everseg.learn.config import RunConfig
@@ -86,7 +86,12 @@ def run_scenario(scenario: Scenario, strategy: str | Sequence[Strategy], cfg: Ru
     joint = name == "joint"
     memory = None
     if any(s.uses_memory for s in strategies):
-        memory = ReplayMemory(memory_size, policy=memory_policy, seed=cfg.train.seed)
+        stored = None if base_model is None else Path(base_model) / "memory"
+        if stored is not None and (stored / "memory.json").is_file():
+            memory = ReplayMemory.load(stored)  # the base model's own memory: replay what it learned from
+            memory.budget = memory_size
+        else:
+            memory = ReplayMemory(memory_size, policy=memory_policy, seed=cfg.train.seed)
     head_init = "background" if any(s.head_init == "background" for s in strategies) else "random"
     bf16 = cfg.train.bf16 == "on" or (cfg.train.bf16 == "auto" and cpu_has_native_bf16())
     augment = _augment(cfg)
@@ -102,6 +107,7 @@ def run_scenario(scenario: Scenario, strategy: str | Sequence[Strategy], cfg: Ru
         report.learned_at = {d: next((k for k, st in enumerate(scenario.spec.steps) if st.images == g), 0)
                              for d, g in groups.items()}
     model: nn.Module | None = None
+    parent_dir: str | None = None
     for step in scenario.steps:
         t = step.index
         step_dir = out / f"step{t}"
@@ -142,12 +148,18 @@ def run_scenario(scenario: Scenario, strategy: str | Sequence[Strategy], cfg: Ru
                 s.end_step(ctx, trainer)
             if memory is not None:
                 memory.update(step.train, step=t)
-        model.metadata = {**getattr(model, "metadata", {}), "scenario": scenario.spec.name, "strategy": name,
-                          "step": t, "parent": str(out / f"step{t - 1}" / "model") if t else
-                          (str(base_model) if base_model else None)}
-        save_model(model, step_dir / "model")
-        if memory is not None:
-            memory.save(step_dir / "model" / "memory")  # travels with the model it belongs to
+        if t == 0 and base_model is not None:
+            model_dir = Path(base_model)  # learned elsewhere: the base itself is the parent of step 1
+        else:
+            parent_meta = dict(getattr(old_model, "metadata", None) or {}) if old_model is not None else {}
+            lineage = list(parent_meta.get("lineage", [])) + ([parent_dir] if parent_dir else [])
+            model.metadata = {**getattr(model, "metadata", {}), "scenario": scenario.spec.name, "strategy": name,
+                              "step": t, "parent": parent_dir, "lineage": lineage}
+            model_dir = step_dir / "model"
+            save_model(model, model_dir)
+            if memory is not None:
+                memory.save(model_dir / "memory")  # travels with the model it belongs to
+        parent_dir = str(model_dir)
         class_iou, domain_miou = evaluate_step(model, step, bf16)
         names = step.label_space.names
         report.steps.append(StepRecord(
@@ -155,4 +167,31 @@ def run_scenario(scenario: Scenario, strategy: str | Sequence[Strategy], cfg: Ru
             old_classes=[names[i] for i in step.old_ids], new_classes=[names[i] for i in step.new_ids],
             domain_miou=domain_miou if sc_kind == "domain" else {}))
         report.save(out)
+    # The last step's model is the run's model: ``--model OUT`` finds it like a training run's.
+    save_model(model, out / "model")
+    if memory is not None:
+        memory.save(out / "model" / "memory")
     return report
+
+
+def class_incremental_spec(model_names: Sequence[str], new_classes: Sequence[str], *, setting: str = "overlap",
+                           name: str = "learn") -> "ScenarioSpec":
+    """Two steps: what a model with a background class knows, then ``new_classes``."""
+    from everseg.data.scenarios import BACKGROUND, ScenarioSpec, StepSpec
+
+    if not model_names or model_names[0].lower() != BACKGROUND:
+        raise ValueError("teaching new classes needs a model with a 'background' class 0 (one trained with "
+                         "`everseg scenario run` or `everseg learn`): with the background shift, pixels of "
+                         "classes the new data does not label become background")
+    clash = [c for c in new_classes if c in model_names]
+    if clash:
+        raise ValueError(f"the model already knows {clash}")
+    return ScenarioSpec(name, "class", (StepSpec(tuple(model_names[1:]), setting=setting),
+                                        StepSpec(tuple(new_classes), setting=setting)))
+
+
+def domain_spec(name: str = "learn") -> "ScenarioSpec":
+    """Two steps over the same classes: what the model learned, then the new data."""
+    from everseg.data.scenarios import ScenarioSpec, StepSpec
+
+    return ScenarioSpec(name, "domain", (StepSpec(name="base"), StepSpec(name="new data")))

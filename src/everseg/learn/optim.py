@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 from torch import nn
@@ -44,12 +45,17 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
     return torch.optim.AdamW(groups, lr=cfg.lr)
 
 
-def lr_multiplier(step: int, total_steps: int, warmup_steps: int, cfg: OptimConfig) -> float:
-    """Fraction of the peak LR at optimiser step ``step`` (0-based)."""
+def lr_multiplier(step: int, total_steps: int, warmup_steps: int, cfg: OptimConfig,
+                  time_progress: float = 0.0) -> float:
+    """Fraction of the peak LR at optimiser step ``step`` (0-based).
+
+    ``time_progress`` (0..1, the share of a time budget used) moves the decay along when the
+    budget, not the step count, will end training: the schedule follows whichever is further.
+    """
     if warmup_steps and step < warmup_steps:
         return (step + 1) / warmup_steps
     span = max(1, total_steps - warmup_steps)
-    progress = min(1.0, (step - warmup_steps) / span)
+    progress = min(1.0, max((step - warmup_steps) / span, time_progress))
     if cfg.schedule == "poly":
         decayed = (1.0 - progress) ** cfg.poly_power
     elif cfg.schedule == "cosine":
@@ -60,7 +66,9 @@ def lr_multiplier(step: int, total_steps: int, warmup_steps: int, cfg: OptimConf
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, *, total_steps: int,
-                    steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+                    steps_per_epoch: int,
+                    time_progress: Callable[[], float] | None = None) -> torch.optim.lr_scheduler.LambdaLR:
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+    clock = time_progress or (lambda: 0.0)
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_multiplier(step, total_steps, warmup, cfg))
+        optimizer, lambda step: lr_multiplier(step, total_steps, warmup, cfg, clock()))

@@ -73,7 +73,7 @@ class Trainer:
     def __init__(self, model: nn.Module, train_set: SegmentationDataset,
                  val_set: SegmentationDataset | None, config: RunConfig, out_dir: str | Path, *,
                  plugins: Sequence[Plugin] = (), progress: bool = True,
-                 criterion: nn.Module | None = None):
+                 criterion: nn.Module | None = None, write_run: bool = True):
         self.model = model
         self.train_set = train_set
         self.val_set = val_set
@@ -81,6 +81,9 @@ class Trainer:
         self.out_dir = Path(out_dir)
         self.plugins = list(plugins)
         self.show_progress = progress
+        # False for short in-memory updates (the online learner): no run folder, checkpoint,
+        # TensorBoard or saved model; the caller keeps the model.
+        self.write_run = write_run
         tc = config.train
         if tc.threads:
             torch.set_num_threads(tc.threads)
@@ -91,6 +94,7 @@ class Trainer:
         self.global_step = 0
         self.images_seen = 0
         self.train_seconds = 0.0  # epochs' wall time over all resumed sessions
+        self._epoch_start: float | None = None
         self.best_miou: float | None = None
         self.best_epoch: int | None = None
         self.stale_validations = 0
@@ -138,8 +142,9 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def fit(self, resume: bool = False) -> FitResult:
         cfg, tc = self.config, self.config.train
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.out_dir / "config.yaml", cfg.to_yaml())
+        if self.write_run:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.out_dir / "config.yaml", cfg.to_yaml())
         generator = seed_everything(tc.seed)
         if tc.channels_last:
             self.model.to(memory_format=torch.channels_last)
@@ -147,7 +152,8 @@ class Trainer:
         loader = self._loader(generator)
         steps_per_epoch = max(1, len(loader) // tc.grad_accum)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, total_steps=steps_per_epoch * tc.epochs,
-                                         steps_per_epoch=steps_per_epoch)
+                                         steps_per_epoch=steps_per_epoch,
+                                         time_progress=self.budget_used if tc.max_minutes else None)
         if resume:
             self._load_checkpoint(generator)
         needs_features = any(p.needs_features for p in self.plugins)
@@ -171,7 +177,7 @@ class Trainer:
                 for plugin in self.plugins:
                     plugin.on_epoch_start(self)
                 progress.start_epoch(self.epoch)
-                epoch_start = time.perf_counter()
+                epoch_start = self._epoch_start = time.perf_counter()
                 loss_sum = torch.zeros(())
                 term_sums: dict[str, torch.Tensor] = {}
                 n_batches = 0
@@ -231,7 +237,7 @@ class Trainer:
                     for plugin in self.plugins:
                         plugin.on_validation(self, metrics)
                     self._track_best(record["val_miou"])
-                elif self.val_set is None:
+                elif self.val_set is None and self.write_run:
                     self._save_model()  # without validation the latest model is the one to keep
                 self.history.append(record)
                 self.train_seconds += time.perf_counter() - epoch_start
@@ -245,7 +251,8 @@ class Trainer:
                 if tc.early_stopping is not None and self.stale_validations >= tc.early_stopping:
                     progress.message(f"early stopping: no mIoU gain in {self.stale_validations} validations")
                     self.stop_requested = True
-                self._save_checkpoint(generator)
+                if self.write_run:
+                    self._save_checkpoint(generator)
                 progress.end_epoch(self.epoch - 1, {k: v for k, v in record.items()
                                                     if k in ("loss", "images_per_second", "val_miou")},
                                    epochs_this_session)
@@ -257,9 +264,10 @@ class Trainer:
                 writer.close()
         for plugin in self.plugins:
             plugin.on_fit_end(self)
-        if not (self.out_dir / MODEL_DIR_NAME / "config.json").is_file():
-            self._save_model()
-        atomic_write_json(self.out_dir / "history.json", self.history)
+        if self.write_run:
+            if not (self.out_dir / MODEL_DIR_NAME / "config.json").is_file():
+                self._save_model()
+            atomic_write_json(self.out_dir / "history.json", self.history)
         return FitResult(best_miou=self.best_miou, best_epoch=self.best_epoch, epochs_run=self.epoch,
                          stopped_early=self.epoch < tc.epochs, seconds=time.perf_counter() - session_start,
                          train_seconds=self.train_seconds,
@@ -267,6 +275,14 @@ class Trainer:
                          history=self.history)
 
     # ------------------------------------------------------------------ pieces of the loop
+    def budget_used(self) -> float:
+        """Share of ``train.max_minutes`` spent so far (0 without a budget); drives the LR decay."""
+        budget = self.config.train.max_minutes
+        if not budget:
+            return 0.0
+        running = time.perf_counter() - self._epoch_start if self._epoch_start is not None else 0.0
+        return min(1.0, (self.train_seconds + running) / (budget * 60))
+
     def current_lr(self) -> float:
         """LR of the head (the largest group LR)."""
         return max(g["lr"] for g in self.optimizer.param_groups)
@@ -286,7 +302,8 @@ class Trainer:
         if self.best_miou is None or miou > self.best_miou:
             self.best_miou, self.best_epoch = miou, self.epoch
             self.stale_validations = 0
-            self._save_model()
+            if self.write_run:
+                self._save_model()
         else:
             self.stale_validations += 1
 
@@ -300,6 +317,8 @@ class Trainer:
         save_model(self.model, self.out_dir / MODEL_DIR_NAME)
 
     def _tensorboard(self):
+        if not self.write_run:
+            return None
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:  # tensorboard is a dependency, but training must not die without it

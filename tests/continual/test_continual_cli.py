@@ -1,0 +1,55 @@
+"""`everseg scenario run` and `everseg learn` end to end on tiny real images."""
+
+import json
+
+from typer.testing import CliRunner
+
+from everseg.cli import app
+from everseg.models import load_model
+
+runner = CliRunner()
+TINY = "data:\n  crop_size: [48, 64]\nmodel:\n  pretrained: false\ntrain:\n  batch_size: 4\n  bf16: 'off'\n"
+
+
+def test_scenario_run_then_learn(tiny_camvid, tmp_path):
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(TINY)
+    run = tmp_path / "sc"
+    r = runner.invoke(app, ["scenario", "run", "--protocol", "camvid-6-5", "--strategy", "mib", "--data",
+                            str(tiny_camvid), "--dataset", "folder", "--out", str(run), "--config", str(cfg),
+                            "--epochs", "1", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    res = json.loads((run / "results.json").read_text())
+    assert len(res["steps"]) == 2
+    assert all({"old_miou", "new_miou", "all_miou", "seconds"} <= set(s) for s in res["steps"])
+    assert all(isinstance(s["seconds"], float) for s in res["steps"])
+
+    # Teach the step-0 model two of the classes again, with another strategy, from the CLI.
+    r = runner.invoke(app, ["learn", "--model", str(run / "step0" / "model"), "--data", str(tiny_camvid),
+                            "--dataset", "folder", "--new-classes", "Pole,SignSymbol", "--strategy", "lwf+replay",
+                            "--out", str(tmp_path / "learned"), "--config", str(cfg), "--epochs", "1",
+                            "--memory-size", "2", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    model = load_model(tmp_path / "learned" / "model")
+    assert model.label_space.names[-2:] == ("Pole", "SignSymbol")
+    assert model.metadata["parent"] == str(run / "step0" / "model")
+    assert model.metadata["lineage"][-1] == str(run / "step0" / "model")
+    assert (tmp_path / "learned" / "model" / "memory" / "memory.json").is_file()
+
+    # New data, same classes (domain): the final model keeps its classes.
+    r = runner.invoke(app, ["learn", "--model", str(run), "--data", str(tiny_camvid), "--dataset", "folder",
+                            "--strategy", "ewc", "--out", str(tmp_path / "dom"), "--config", str(cfg),
+                            "--epochs", "1", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    assert load_model(tmp_path / "dom" / "model").label_space.names == load_model(run / "model").label_space.names
+
+
+def test_learn_refuses_new_classes_without_background(tiny_camvid, tmp_path):
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(TINY + "  epochs: 1\n")
+    r = runner.invoke(app, ["train", "--config", str(cfg), "--data", str(tiny_camvid), "--dataset", "folder",
+                            "--out", str(tmp_path / "plain"), "--no-progress", "--set", "data.val_split=null"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["learn", "--model", str(tmp_path / "plain"), "--data", str(tiny_camvid), "--dataset",
+                            "folder", "--new-classes", "Pole", "--out", str(tmp_path / "x"), "--no-progress"])
+    assert r.exit_code != 0 and "background" in r.output
