@@ -36,6 +36,7 @@ CLASSES = ("Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", 
 def run_variant(variant: str, config: Path, data: Path, overrides: dict, resume: bool = False) -> dict:
     cfg = load_config(config, {"data.path": str(data), **VARIANTS[variant], **overrides})
     out = BENCH_DIR / "runs" / f"camvid-{variant}"
+    machine = machine_info()  # at the start: the commit whose code is running
     start = time.perf_counter()
     fit = train(cfg, out, resume=resume and (out / "checkpoint.pt").is_file())
     train_minutes = fit.train_seconds / 60
@@ -44,7 +45,7 @@ def run_variant(variant: str, config: Path, data: Path, overrides: dict, resume:
     ev = evaluate(model, test, autocast_bf16=cpu_has_native_bf16(), channels_last=True, progress=False)
     metrics = ev.metrics.to_dict(model.label_space)
     return {
-        "variant": variant, "machine": machine_info(), "config": cfg.model_dump(mode="json"),
+        "variant": variant, "machine": machine, "config": cfg.model_dump(mode="json"),
         "epochs": fit.epochs_run, "train_minutes": round(train_minutes, 2),
         "wall_minutes": round((time.perf_counter() - start) / 60, 2),
         "train_images_seen": fit.images_seen, "test_images": ev.num_images,
@@ -60,18 +61,20 @@ def table() -> str:
         rows.append(json.loads(path.read_text()))
     order = {v: i for i, v in enumerate(VARIANTS)}
     rows.sort(key=lambda r: order.get(r["variant"], 99))
-    head = "| model | mIoU | pixel acc. | train min | epochs | " + " | ".join(CLASSES) + " |\n"
-    head += "|---|---:|---:|---:|---:|" + "---:|" * len(CLASSES) + "\n"
+    head = "| model | mIoU | pixel acc. | train min (budget) | epochs | threads | commit | " + " | ".join(CLASSES) + " |\n"
+    head += "|---|---:|---:|---:|---:|---:|---|" + "---:|" * len(CLASSES) + "\n"
     lines = []
     for r in rows:
         c = r["config"]
         name = (f"everseg {c['model']['arch']}/{c['model']['backbone']} OS{c['model']['output_stride']}, "
                 f"{r['variant']}")
         per = " | ".join(f"{r['per_class_iou'][k]:.1f}" for k in CLASSES)
+        t = c["train"]
+        threads = t.get("threads") or r["machine"].get("torch_threads")
         lines.append(f"| **{name}** | **{r['miou']:.1f}** | {r['pixel_accuracy']:.1f} | {r['train_minutes']:.0f} "
-                     f"| {r['epochs']} | {per} |")
+                     f"({t.get('max_minutes') or '-'}) | {r['epochs']} | {threads} | {r['machine']['commit']} | {per} |")
     for name, miou in PUBLISHED:
-        lines.append(f"| {name} (published) | {miou} | | | |" + " |" * len(CLASSES))
+        lines.append(f"| {name} (published) | {miou} | | | | | |" + " |" * len(CLASSES))
     machine = rows[0]["machine"] if rows else machine_info()
     data_note = ""
     if rows:
@@ -80,8 +83,8 @@ def table() -> str:
                      f"({'train 367 + val 101 images, no model selection: the last epoch is kept' if c['train_split'] == 'trainval' else 'train 367 images'}); ")
     return (f"## CamVid-11 (`python benchmarks/camvid.py [--variant pretrained|random|frozen]`)\n\n"
             f"{data_note}evaluated on the 233 test images at 360x480, whole-image inference, no test-time "
-            f"augmentation. {machine['date']}, {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}, "
-            f"commit {machine['commit']}.\n\n" + head + "\n".join(lines) + "\n")
+            f"augmentation. {machine['date']}, {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}."
+            f"\n\n" + head + "\n".join(lines) + "\n")
 
 
 def main() -> None:
