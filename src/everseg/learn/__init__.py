@@ -7,10 +7,15 @@ from everseg.learn.losses import DiceLoss, SegmentationLoss, compute_class_weigh
 from everseg.learn.plugins import Batch, Plugin, StepOutput
 from everseg.learn.run import build_datasets, build_model, train
 from everseg.learn.trainer import FitResult, Trainer, cpu_has_native_bf16
+from everseg.learn.memory import ReplayMemory
+from everseg.learn.strategies import STRATEGIES, Strategy, build_strategies
+from everseg.learn.continual import run_scenario
+from everseg.learn.online import Observation, OnlineLearner
 
 __all__ = [
     "Batch", "ConfigError", "DataConfig", "DiceLoss", "EvalConfig", "FitResult", "FrozenBackbone",
     "GradualUnfreeze", "LossConfig", "ModelSection", "OptimConfig", "Plugin", "RunConfig",
     "SegmentationLoss", "StepOutput", "TrainConfig", "Trainer", "build_datasets", "build_model",
     "compute_class_weights", "cpu_has_native_bf16", "load_config", "parse_override", "train",
+    "ReplayMemory", "STRATEGIES", "Strategy", "build_strategies", "run_scenario", "Observation", "OnlineLearner",
 ]
