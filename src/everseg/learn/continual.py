@@ -17,11 +17,10 @@ import torch
 from torch import nn
 
 from everseg.data.scenarios import Scenario, ScenarioSpec, Step
-from everseg.data.transforms import AugmentConfig, train_transform
 from everseg.evaluate.continual import ContinualReport, StepRecord
 from everseg.learn.config import RunConfig
 from everseg.learn.memory import ReplayMemory
-from everseg.learn.run import finetune_plugins
+from everseg.learn.run import finetune_plugins, training_augmentation
 from everseg.learn.strategies import Strategy, build_strategies
 from everseg.learn.strategies.base import ContinualContext
 from everseg.learn.trainer import Trainer, cpu_has_native_bf16
@@ -32,12 +31,6 @@ def _frozen_copy(model: nn.Module) -> nn.Module:
     for p in old.parameters():
         p.requires_grad_(False)
     return old
-
-
-def _augment(cfg: RunConfig):
-    dc = cfg.data
-    return train_transform(AugmentConfig(crop_size=dc.crop_size, scale=dc.scale, base_size=dc.base_size,
-                                         hflip=dc.hflip, rotation=dc.rotation, color_jitter=dc.color_jitter))
 
 
 def _new_model(cfg: RunConfig, step: Step) -> nn.Module:
@@ -94,7 +87,7 @@ def run_scenario(scenario: Scenario, strategy: str | Sequence[Strategy], cfg: Ru
             memory = ReplayMemory(memory_size, policy=memory_policy, seed=cfg.train.seed)
     head_init = "background" if any(s.head_init == "background" for s in strategies) else "random"
     bf16 = cfg.train.bf16 == "on" or (cfg.train.bf16 == "auto" and cpu_has_native_bf16())
-    augment = _augment(cfg)
+    augment = training_augmentation(cfg)
 
     sc_kind = scenario.spec.kind
     final_ls = scenario.final_label_space

@@ -15,16 +15,21 @@ from everseg.learn.plugins import Plugin
 from everseg.learn.trainer import FitResult, Trainer
 
 
+def training_augmentation(cfg: RunConfig):
+    """The joint image+mask transform that ``cfg.data`` describes."""
+    dc = cfg.data
+    return train_transform(AugmentConfig(crop_size=dc.crop_size, scale=dc.scale, base_size=dc.base_size,
+                                         hflip=dc.hflip, rotation=dc.rotation, color_jitter=dc.color_jitter))
+
+
 def build_datasets(cfg: RunConfig) -> tuple[SegmentationDataset, SegmentationDataset | None]:
     from everseg.data import open_dataset
 
     dc = cfg.data
     if dc.path is None:
         raise ValueError("no dataset path: set data.path in the config or pass --data")
-    augment = AugmentConfig(crop_size=dc.crop_size, scale=dc.scale, base_size=dc.base_size,
-                            hflip=dc.hflip, rotation=dc.rotation, color_jitter=dc.color_jitter)
     train = open_dataset(dc.path, dataset=dc.dataset, split=dc.train_split, cache=dc.cache)
-    train = train.with_transform(train_transform(augment))
+    train = train.with_transform(training_augmentation(cfg))
     val = None
     if dc.val_split:
         val = open_dataset(dc.path, dataset=dc.dataset, split=dc.val_split, cache=dc.cache)
