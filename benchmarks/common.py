@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import os
 import platform
 import subprocess
@@ -41,9 +40,11 @@ def machine_info() -> dict[str, Any]:
 
 
 def write_json(name: str, data: dict[str, Any]) -> Path:
+    from everseg.atomic import atomic_write_json
+
     path = BENCH_DIR / "results" / f"{name}.json"
     path.parent.mkdir(exist_ok=True)
-    path.write_text(json.dumps(data, indent=2) + "\n")
+    atomic_write_json(path, data)  # benchmarks may run side by side; a reader never sees half a file
     return path
 
 

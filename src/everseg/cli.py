@@ -148,6 +148,20 @@ scenario_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Inc
 app.add_typer(scenario_app, name="scenario")
 
 
+ParamOpt = Annotated[list[str], typer.Option(
+    "--param", help="Strategy hyper-parameter STRATEGY.NAME=VALUE, e.g. lwf.weight=5 (repeatable)")]
+
+
+def _strategy_params(items: list[str]) -> dict[str, str]:
+    params = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or "." not in key:
+            raise ValueError(f"--param {item!r}: expected STRATEGY.NAME=VALUE, e.g. plop.pod_weight=0.02")
+        params[key.strip().lower()] = value.strip()
+    return params
+
+
 def _continual_config(config: Optional[Path], set_: list[str], epochs: Optional[int]):
     from everseg.learn import load_config, parse_override
 
@@ -171,7 +185,9 @@ def learn(
     test_split: Annotated[str, typer.Option(help="Split to measure old/new classes on")] = "test",
     config: Annotated[Optional[Path], typer.Option(help="YAML config (augmentation, optimiser)")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Epochs over the new images")] = None,
+    minutes: Annotated[Optional[float], typer.Option(help="Wall-time budget of the step, in minutes")] = None,
     memory_size: Annotated[int, typer.Option(help="Replay memory budget (images)")] = 20,
+    param: ParamOpt = [],
     set_: Annotated[list[str], typer.Option("--set", help="Override a config field (repeatable)")] = [],
     progress: Annotated[bool, typer.Option(help="Show progress")] = True,
 ) -> None:
@@ -196,7 +212,7 @@ def learn(
             pool, test = align_labels(pool, base.label_space), align_labels(test, base.label_space)
         scenario = build_scenario(spec, pool, test, base_trained=True)
         report = run_scenario(scenario, strategy, cfg, out, base_model=model_dir, memory_size=memory_size,
-                              progress=progress)
+                              step_minutes=minutes, params=_strategy_params(param), progress=progress)
     except (DataError, ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
     report.print_table(Console())
@@ -213,9 +229,13 @@ def scenario_run(
     dataset: DatasetOpt = None,
     config: Annotated[Optional[Path], typer.Option(help="YAML config (model, augmentation, optimiser)")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Epochs of step 0")] = None,
-    step_epochs: Annotated[Optional[int], typer.Option(help="Epochs of each later step (default: as step 0)")] = None,
+    step_epochs: Annotated[Optional[int], typer.Option(
+        help="Epochs of each later step (default: as step 0; joint always retrains like step 0)")] = None,
+    step_minutes: Annotated[Optional[float], typer.Option(
+        help="Wall-time budget of each later step (default: train.max_minutes)")] = None,
     base_model: Annotated[Optional[Path], typer.Option(help="A model that already learned step 0")] = None,
     memory_size: Annotated[int, typer.Option(help="Replay memory budget (images)")] = 20,
+    param: ParamOpt = [],
     set_: Annotated[list[str], typer.Option("--set", help="Override a config field (repeatable)")] = [],
     progress: Annotated[bool, typer.Option(help="Show progress")] = True,
 ) -> None:
@@ -235,8 +255,9 @@ def scenario_run(
         sc = build_scenario(spec, pool, test, base_dir=scenario.parent if scenario else None,
                             base_trained=base_model is not None)
         cfg = _continual_config(config, set_, epochs)
-        report = run_scenario(sc, strategy, cfg, out, step_epochs=step_epochs, base_model=base_model,
-                              memory_size=memory_size, progress=progress)
+        report = run_scenario(sc, strategy, cfg, out, step_epochs=step_epochs, step_minutes=step_minutes,
+                              base_model=base_model, params=_strategy_params(param), memory_size=memory_size,
+                              progress=progress)
     except (DataError, ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
     report.print_table(Console())

@@ -53,3 +53,21 @@ def test_learn_refuses_new_classes_without_background(tiny_camvid, tmp_path):
     r = runner.invoke(app, ["learn", "--model", str(tmp_path / "plain"), "--data", str(tiny_camvid), "--dataset",
                             "folder", "--new-classes", "Pole", "--out", str(tmp_path / "x"), "--no-progress"])
     assert r.exit_code != 0 and "background" in r.output
+
+
+def test_scenario_run_takes_strategy_params_and_step_budget(tiny_camvid, tmp_path):
+    import yaml
+
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(TINY)
+    base = ["scenario", "run", "--protocol", "camvid-6-5", "--data", str(tiny_camvid), "--dataset", "folder",
+            "--config", str(cfg), "--epochs", "1", "--no-progress"]
+    r = runner.invoke(app, base + ["--strategy", "lwf", "--param", "lwf.alpha=3", "--out", str(tmp_path / "x")])
+    assert r.exit_code != 0 and "lwf takes" in r.output
+    r = runner.invoke(app, base + ["--strategy", "lwf+replay", "--param", "lwf.weight=3", "--param",
+                                   "replay.fraction=0.25", "--step-minutes", "0.5", "--memory-size", "2",
+                                   "--out", str(tmp_path / "ok")])
+    assert r.exit_code == 0, r.output
+    step0 = yaml.safe_load((tmp_path / "ok" / "step0" / "config.yaml").read_text())
+    step1 = yaml.safe_load((tmp_path / "ok" / "step1" / "config.yaml").read_text())
+    assert step1["train"]["max_minutes"] == 0.5 and step0["train"]["max_minutes"] != 0.5

@@ -40,3 +40,14 @@ def test_domain_incremental_bwt_fwt_by_hand():
                                   domain_miou={"day": day, "dusk": dusk}))
     assert r.backward_transfer() == pytest.approx(-5.0)
     assert r.forward_transfer() == pytest.approx(30.0)
+
+
+def test_report_reads_back_what_it_saved(tmp_path):
+    r = class_report()
+    r.save(tmp_path)
+    back = ContinualReport.load(tmp_path)
+    assert back.steps == r.steps and back.taught_at == r.taught_at
+    assert back.backward_transfer() == r.backward_transfer()
+    (tmp_path / "bad.json").write_text('{"steps": 3}')
+    with pytest.raises(ValueError, match="bad.json"):
+        ContinualReport.load(tmp_path / "bad.json")

@@ -20,9 +20,10 @@ those learned at ``t``, ``all`` both. Definitions:
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -168,6 +169,7 @@ class ContinualReport:
             "forward_transfer": self.forward_transfer(),
             "average_incremental_miou": self.average_incremental_miou(),
             "total_seconds": self.total_seconds(),
+            "domains": self.domains, "learned_at": self.learned_at, "initial_domain_miou": self.initial_domain_miou,
         })
 
     def to_markdown(self, reference: "ContinualReport | None" = None) -> str:
@@ -233,6 +235,22 @@ class ContinualReport:
         ax.legend(fontsize=7, ncol=2, loc="center left", bbox_to_anchor=(1.0, 0.5))
         fig.tight_layout()
         return atomic_write(path, lambda p: fig.savefig(p, format="png"))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ContinualReport":
+        """Read back a ``results.json`` written by :meth:`save` (a file or its run folder)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "results.json"
+        try:
+            d = json.loads(path.read_text())
+            record_fields = {f.name for f in fields(StepRecord)}
+            steps = [StepRecord(**{k: v for k, v in r.items() if k in record_fields}) for r in d["steps"]]
+            return cls(scenario=d["scenario"], strategy=d["strategy"], kind=d["kind"], classes=d["classes"],
+                       taught_at=d["taught_at"], steps=steps, domains=d.get("domains", []),
+                       learned_at=d.get("learned_at", {}), initial_domain_miou=d.get("initial_domain_miou", {}))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{path}: not a continual results file ({exc})") from exc
 
     def save(self, out_dir: str | Path, reference: "ContinualReport | None" = None) -> None:
         out = Path(out_dir)

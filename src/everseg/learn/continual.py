@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -61,21 +61,26 @@ def evaluate_step(model: nn.Module, step: Step, bf16: bool) -> tuple[dict[str, f
 
 
 def run_scenario(scenario: Scenario, strategy: str | Sequence[Strategy], cfg: RunConfig, out_dir: str | Path, *,
-                 step_epochs: int | None = None, base_model: str | Path | None = None,
+                 step_epochs: int | None = None, step_minutes: float | None = None,
+                 base_model: str | Path | None = None, params: Mapping[str, Any] | None = None,
                  memory_size: int = 20, memory_policy: str = "class_balanced",
                  progress: bool = True) -> ContinualReport:
     """Train and test every step of ``scenario``; ``strategy`` is e.g. ``"mib"`` or ``"plop+replay"``.
 
     ``cfg`` gives the model, optimiser and augmentation; step 0 trains ``cfg.train.epochs``
-    epochs, later steps ``step_epochs`` (default: the same). ``base_model`` is a model
+    epochs, later steps ``step_epochs`` (default: the same) within ``step_minutes`` of wall
+    time each (default: ``cfg.train.max_minutes``; the LR schedule decays within it, so a
+    short budget is a short schedule, not a truncated one). ``joint`` retrains every step
+    with step 0's epochs and budget. ``base_model`` is a model
     folder that already learned step 0 (its classes must be step 0's): step 0 is then
-    evaluated, not trained, so strategies can share one base.
+    evaluated, not trained, so strategies can share one base. ``params`` sets strategy
+    hyper-parameters by name, e.g. ``{"plop.pod_weight": 0.02}``.
     """
     from everseg.models import load_model, save_model
 
     out = Path(out_dir)
     name = strategy if isinstance(strategy, str) else "+".join(s.name for s in strategy)
-    strategies = build_strategies(strategy) if isinstance(strategy, str) else list(strategy)
+    strategies = build_strategies(strategy, params) if isinstance(strategy, str) else list(strategy)
     joint = name == "joint"
     memory = None
     if any(s.uses_memory for s in strategies):
@@ -104,8 +109,11 @@ def run_scenario(scenario: Scenario, strategy: str | Sequence[Strategy], cfg: Ru
     for step in scenario.steps:
         t = step.index
         step_dir = out / f"step{t}"
-        epochs = cfg.train.epochs if t == 0 or step_epochs is None else step_epochs
-        step_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": epochs})})
+        later = t > 0 and not joint
+        epochs = step_epochs if later and step_epochs is not None else cfg.train.epochs
+        minutes = step_minutes if later and step_minutes is not None else cfg.train.max_minutes
+        step_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": epochs,
+                                                                                "max_minutes": minutes})})
         old_model = None if model is None else _frozen_copy(model)
         if t == 0 and sc_kind == "domain" and base_model is None:
             # The untrained model's score is the reference of forward transfer.
