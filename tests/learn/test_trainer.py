@@ -172,5 +172,10 @@ def test_grad_accumulation_adamw_cosine_and_time_budget(tiny_camvid, tmp_path):
     result = trainer.fit()
     assert trainer.global_step == 2 * (8 // 2) // 2  # 4 batches an epoch, one step per two batches
     assert result.epochs_run == 2
-    budget = tiny_config(tiny_camvid, **{"train.epochs": 50, "train.max_minutes": 1e-6, "data.val_split": None})
-    assert make_trainer(budget, tmp_path / "budget").fit().epochs_run == 1
+    budget = tiny_config(tiny_camvid, **{"train.epochs": 50, "train.max_minutes": 1e-6, "data.val_split": None,
+                                         "train.batch_size": 2})
+    cut = make_trainer(budget, tmp_path / "budget")
+    result = cut.fit()
+    # The budget ends inside the first epoch: it is cut after the step that used it up.
+    assert result.epochs_run == 1 and cut.global_step == 1 and result.images_seen == 2
+    assert (tmp_path / "budget" / "model" / "config.json").is_file()

@@ -73,7 +73,7 @@ class TrainConfig(_Section):
     unfreeze_chunks: int = 3  # gradual: how many chunks the backbone is unfrozen in
     early_stopping: int | None = None  # stop after this many validations without mIoU gain
     eval_every: int = 1  # validate every N epochs (and always after the last)
-    max_minutes: float | None = None  # time budget: no epoch starts that would end past it; the LR decays by time too
+    max_minutes: float | None = None  # time budget: training stops when it is used (mid-epoch if need be); the LR decays by time
     channels_last: bool = True  # NHWC memory layout: faster convolutions on CPU
     bf16: Literal["auto", "on", "off"] = "auto"  # bfloat16 autocast; auto = when the CPU has native bf16
     threads: int | None = None  # torch intra-op threads; None = torch's default

@@ -167,12 +167,9 @@ class Trainer:
         epochs_this_session = 0
         try:
             while self.epoch < tc.epochs and not self.stop_requested:
-                if tc.max_minutes is not None and self.epoch > 0:
-                    per_epoch = self.train_seconds / self.epoch
-                    if self.train_seconds + per_epoch > tc.max_minutes * 60:
-                        progress.message(f"time budget of {tc.max_minutes} min reached after "
-                                         f"{self.epoch} epochs")
-                        break
+                if tc.max_minutes is not None and self.epoch > 0 and self.budget_used() >= 1.0:
+                    progress.message(f"time budget of {tc.max_minutes} min used after {self.epoch} epochs")
+                    break
                 self.model.train()
                 for plugin in self.plugins:
                     plugin.on_epoch_start(self)
@@ -181,6 +178,7 @@ class Trainer:
                 loss_sum = torch.zeros(())
                 term_sums: dict[str, torch.Tensor] = {}
                 n_batches = 0
+                out_of_time = False
                 self.optimizer.zero_grad(set_to_none=True)
                 for i, raw in enumerate(loader):
                     batch = self.to_batch(raw)
@@ -206,6 +204,9 @@ class Trainer:
                         self.optimizer.zero_grad(set_to_none=True)
                         self.scheduler.step()
                         self.global_step += 1
+                        # A budget is a budget: an epoch longer than what is left is cut, not finished
+                        # (its LR has already decayed to zero by time, so the rest would be wasted).
+                        out_of_time = tc.max_minutes is not None and self.budget_used() >= 1.0
                     for plugin in self.plugins:
                         plugin.after_step(self, batch, output)
                     loss_sum += loss.detach().float()
@@ -213,13 +214,15 @@ class Trainer:
                         term_sums[k] = term_sums.get(k, torch.zeros(())) + v.detach().float()
                     n_batches += 1
                     self.images_seen += batch.image.shape[0]
-                    if (i + 1) % tc.log_every == 0 or i + 1 == len(loader):
+                    if (i + 1) % tc.log_every == 0 or i + 1 == len(loader) or out_of_time:
                         seconds = time.perf_counter() - epoch_start
                         ips = n_batches * tc.batch_size / max(seconds, 1e-9)
                         progress.update(i + 1, float(loss_sum) / n_batches, ips, self.current_lr())
                         if writer is not None:
                             writer.add_scalar("train/loss", float(loss.detach()), self.global_step)
                             writer.add_scalar("train/lr", self.current_lr(), self.global_step)
+                    if out_of_time:
+                        break
                 if n_batches == 0:
                     raise RuntimeError(f"training set of {len(self.train_set)} images gave no batch")
 
@@ -230,7 +233,7 @@ class Trainer:
                                           "lr": self.current_lr()}
                 record.update({f"loss_{k}": float(v) / n_batches for k, v in term_sums.items()
                                if len(term_sums) > 1})
-                last_epoch = self.epoch + 1 == tc.epochs
+                last_epoch = self.epoch + 1 == tc.epochs or out_of_time
                 if self.val_set is not None and ((self.epoch + 1) % tc.eval_every == 0 or last_epoch):
                     metrics = self.validate()
                     record["val_miou"] = 100.0 * metrics.miou
@@ -241,6 +244,7 @@ class Trainer:
                     self._save_model()  # without validation the latest model is the one to keep
                 self.history.append(record)
                 self.train_seconds += time.perf_counter() - epoch_start
+                self._epoch_start = None  # counted in train_seconds now; budget_used must not count it twice
                 self.epoch += 1
                 epochs_this_session += 1
                 if writer is not None:
