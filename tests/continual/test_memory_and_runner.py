@@ -100,3 +100,38 @@ def test_runner_reuses_a_base_model(tiny_scenario, tmp_path):
     step1 = load_model(tmp_path / "b" / "step1" / "model")
     assert step1.metadata["parent"] == str(tmp_path / "a" / "step0" / "model")
     assert not (tmp_path / "b" / "step0" / "model").exists()  # the base is not copied
+
+
+def test_domain_step_scores_classes_on_every_view_not_the_first(tiny_camvid):
+    from types import SimpleNamespace
+
+    from everseg.evaluate import evaluate
+    from everseg.learn.continual import evaluate_step
+    from everseg.models import create_model
+
+    test = open_dataset(tiny_camvid, dataset="folder", split="test")
+    torch.manual_seed(0)
+    model = create_model(arch="lraspp", backbone="mobilenet_v2", label_space=test.label_space, pretrained=False)
+    step = SimpleNamespace(label_space=test.label_space, scored_ids=(),
+                           tests={"a": test.subset([0, 1]), "b": test.subset([2, 3])})
+    class_iou, per_view = evaluate_step(model, step, bf16=False)
+    whole = evaluate(model, test, progress=False).metrics.iou
+    names = test.label_space.names
+    for i, name in enumerate(names):
+        assert (class_iou[name] is None) == (whole[i] != whole[i])
+        if class_iou[name] is not None:
+            assert class_iou[name] == pytest.approx(100 * whole[i])
+    first = evaluate(model, step.tests["a"], progress=False).metrics
+    assert per_view["a"] == pytest.approx(100 * first.miou)
+
+
+def test_replay_from_a_shared_base_remembers_the_base_images(tiny_scenario, tmp_path):
+    run_scenario(tiny_scenario, "finetune", tiny_cfg(), tmp_path / "a", progress=False)
+    base = tmp_path / "a" / "step0" / "model"
+    assert not (base / "memory").exists()  # finetune keeps no memory
+    run_scenario(tiny_scenario, "replay", tiny_cfg(), tmp_path / "b", progress=False, base_model=base,
+                 memory_size=3)
+    memory = ReplayMemory.load(tmp_path / "b" / "step1" / "model" / "memory")
+    # Without the base's images the memory would hold step 1's only, and replay would replay
+    # nothing old during step 1.
+    assert any(item.step == 0 for item in memory.items)

@@ -62,6 +62,15 @@ def test_schedules():
     assert lr_multiplier(0, 12, 2, cfg) == pytest.approx(0.5)  # warm-up: (0+1)/2
 
 
+def test_warm_up_under_a_time_budget_keeps_its_share_of_time():
+    cfg = OptimConfig(schedule="poly", poly_power=1.0, warmup_epochs=1)
+    # Planned: 100 steps, 10 of them warm-up (10%). The budget, not the steps, will end it.
+    assert lr_multiplier(0, 100, 10, cfg, time_progress=0.05) == pytest.approx(0.5)  # half the warm-up time
+    # A step so short that one epoch outlasts the budget: past 10% of the time, decay, not warm-up.
+    assert lr_multiplier(3, 100, 10, cfg, time_progress=0.5) == pytest.approx(0.5)
+    assert lr_multiplier(3, 100, 10, cfg, time_progress=1.0) == pytest.approx(0.0)
+
+
 def test_config_yaml_overrides_and_errors(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("optim:\n  lr: 0.05\ntrain:\n  epochs: 3\n")
@@ -82,4 +91,5 @@ def test_time_budget_moves_the_decay_along():
     cfg = OptimConfig(schedule="poly", poly_power=1.0)
     assert lr_multiplier(1, 100, 0, cfg, time_progress=0.5) == pytest.approx(0.5)
     assert lr_multiplier(80, 100, 0, cfg, time_progress=0.5) == pytest.approx(0.2)  # steps are further
-    assert lr_multiplier(0, 100, 2, cfg, time_progress=0.9) == pytest.approx(0.5)  # warm-up still first
+    # The warm-up's share of the time (2 of 100 planned steps) is long past: decay, not warm-up.
+    assert lr_multiplier(0, 100, 2, cfg, time_progress=0.9) == pytest.approx(0.1)

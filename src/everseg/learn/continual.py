@@ -43,20 +43,29 @@ def _new_model(cfg: RunConfig, step: Step) -> nn.Module:
 
 
 def evaluate_step(model: nn.Module, step: Step, bf16: bool) -> tuple[dict[str, float | None], dict[str, float | None]]:
-    """IoU of every scored class on the step's main test view, and mIoU per test view."""
-    from everseg.evaluate import evaluate
+    """IoU of every scored class on the whole test set, and mIoU per test view.
 
-    class_iou: dict[str, float | None] = {}
+    Domain scenarios split the test set into one view per domain; the class IoUs then come
+    from the views' summed confusion matrices, i.e. from every test image, not from the
+    first domain alone.
+    """
+    from everseg.evaluate import evaluate
+    from everseg.evaluate.metrics import SegmentationMetrics
+
     domain_miou: dict[str, float | None] = {}
     names = step.label_space.names
+    scored = list(step.scored_ids) or list(range(len(names)))
+
+    def scored_iou(iou) -> dict[str, float | None]:
+        return {names[i]: (None if iou[i] != iou[i] else float(iou[i]) * 100) for i in scored}
+
+    total = None
     for view_name, view in step.tests.items():
-        res = evaluate(model, view, autocast_bf16=bf16, channels_last=True, progress=False)
-        iou = res.metrics.iou
-        scored = list(step.scored_ids) or list(range(len(names)))
-        vals = [float(iou[i]) * 100 for i in scored if iou[i] == iou[i]]
+        metrics = evaluate(model, view, autocast_bf16=bf16, channels_last=True, progress=False).metrics
+        vals = [v for v in scored_iou(metrics.iou).values() if v is not None]
         domain_miou[view_name] = sum(vals) / len(vals) if vals else None
-        if view_name == "all" or not class_iou:
-            class_iou = {names[i]: (None if iou[i] != iou[i] else float(iou[i]) * 100) for i in scored}
+        total = metrics.confusion.copy() if total is None else total + metrics.confusion
+    class_iou = scored_iou(SegmentationMetrics.from_confusion(total).iou) if total is not None else {}
     return class_iou, domain_miou
 
 
@@ -124,6 +133,10 @@ def run_scenario(scenario: Scenario, strategy: str | Sequence[Strategy], cfg: Ru
                 raise ValueError(f"{base_model}: its classes {list(model.label_space.names)} are not step 0's "
                                  f"{list(step.label_space.names)}")
             seconds, seen = 0.0, 0
+            if memory is not None and not memory.items:
+                # A base trained without a memory: fill it from the images the base learned from,
+                # which this scenario has (``learn`` on a bare model has not, and starts empty).
+                memory.update(step.train, step=0)
         else:
             if joint or model is None:
                 model = _new_model(cfg, step)  # joint retrains from the pretrained backbone each step
@@ -137,18 +150,18 @@ def run_scenario(scenario: Scenario, strategy: str | Sequence[Strategy], cfg: Ru
                                    old_num_classes=0 if old_model is None else old_model.num_classes,
                                    memory=memory)
             active = [] if joint else strategies
+            start = time.perf_counter()  # the step's cost: strategy set-up and wrap-up included
             for s in active:
                 s.begin_step(ctx)
             torch.manual_seed(cfg.train.seed + t)
             trainer = Trainer(model, data.with_transform(augment), None, step_cfg, step_dir,
                               plugins=[*finetune_plugins(cfg), *active], progress=progress)
-            start = time.perf_counter()
             fit = trainer.fit()
-            seconds, seen = time.perf_counter() - start, fit.images_seen
             for s in active:
                 s.end_step(ctx, trainer)
             if memory is not None:
                 memory.update(step.train, step=t)
+            seconds, seen = time.perf_counter() - start, fit.images_seen
         if t == 0 and base_model is not None:
             model_dir = Path(base_model)  # learned elsewhere: the base itself is the parent of step 1
         else:

@@ -53,7 +53,12 @@ def lr_multiplier(step: int, total_steps: int, warmup_steps: int, cfg: OptimConf
     budget, not the step count, will end training: the schedule follows whichever is further.
     """
     if warmup_steps and step < warmup_steps:
-        return (step + 1) / warmup_steps
+        # Under a time budget the warm-up keeps its share of the planned schedule in time too:
+        # a short step must not spend its whole budget warming up.
+        share = warmup_steps / max(1, total_steps)
+        warm = max((step + 1) / warmup_steps, time_progress / share)
+        if warm < 1.0:
+            return warm
     span = max(1, total_steps - warmup_steps)
     progress = min(1.0, max((step - warmup_steps) / span, time_progress))
     if cfg.schedule == "poly":

@@ -160,8 +160,13 @@ class Trainer:
         progress = TrainProgress(tc.epochs, len(loader), enabled=self.show_progress)
         progress.message(self._data_summary())
         writer = self._tensorboard()
+        setup_start = time.perf_counter()
         for plugin in self.plugins:
             plugin.on_fit_start(self)
+        if not resume:
+            # Plugins' set-up passes (e.g. PLOP's pseudo-label thresholds) are part of what the
+            # training costs, so they count against the time budget.
+            self.train_seconds += time.perf_counter() - setup_start
 
         session_start = time.perf_counter()
         epochs_this_session = 0
