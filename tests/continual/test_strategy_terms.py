@@ -142,3 +142,25 @@ def test_strategy_names_compose():
     assert build_strategies("finetune") == [] and build_strategies("joint") == []
     with pytest.raises(ValueError, match="unknown"):
         build_strategies("mib+magic")
+
+
+def test_plop_thresholds_come_from_a_bounded_even_sample_of_the_step(tiny_camvid):
+    from types import SimpleNamespace
+
+    from everseg.data import open_dataset
+    from everseg.learn.strategies import PLOP
+    from everseg.learn.strategies.base import ContinualContext
+
+    data = open_dataset(tiny_camvid, dataset="folder", split="train")  # 8 images
+    seen = []
+
+    class Old(nn.Module):
+        def forward(self, x):
+            seen.append(x.shape)
+            return torch.zeros(1, 3, *x.shape[-2:])  # uniform: entropy 1 everywhere
+
+    plop = PLOP(threshold_images=3)
+    plop.begin_step(ContinualContext(step=None, step_index=1, old_model=Old(), old_num_classes=3))
+    plop.on_fit_start(SimpleNamespace(train_set=data, use_bf16=False))
+    assert len(seen) == 3  # images 0, 4 (rounded 3.5) and 7, not all 8
+    assert plop.thresholds.tolist() == pytest.approx([1.0, 0.0, 0.0])  # argmax is class 0 everywhere

@@ -78,14 +78,19 @@ class PLOP(Strategy):
         pod_weight: weight of the local POD term (paper: 0.01).
         scales: window grids of local POD (paper: 1, 2, 4 ... i.e. 3 scales).
         max_threshold: cap on the per-class entropy thresholds (paper: 0.001 quantile options; 1 = no cap).
+        threshold_images: at most this many of the step's images, evenly spread, estimate the
+            thresholds (a median needs far fewer pixels than a whole dataset has; the pass
+            counts against the step's time budget).
     """
 
     name = "plop"
     needs_features = True
 
-    def __init__(self, pod_weight: float = 0.01, scales: tuple[int, ...] = (1, 2, 4), max_threshold: float = 1.0):
+    def __init__(self, pod_weight: float = 0.01, scales: tuple[int, ...] = (1, 2, 4), max_threshold: float = 1.0,
+                 threshold_images: int = 64):
         super().__init__()
         self.pod_weight, self.scales, self.max_threshold = pod_weight, tuple(scales), max_threshold
+        self.threshold_images = threshold_images
         self.thresholds: torch.Tensor | None = None
 
     @torch.no_grad()
@@ -95,9 +100,12 @@ class PLOP(Strategy):
         # One pass over the step's images (no augmentation) to find each class's median entropy.
         entropies: list[list[np.ndarray]] = [[] for _ in range(self.ctx.old_num_classes)]
         data = trainer.train_set.with_transform(None)
-        for i in range(len(data)):
+        picks = np.unique(np.linspace(0, len(data) - 1, min(len(data), max(1, self.threshold_images))).round())
+        for i in picks.astype(int).tolist():
             x = data[i]["image"][None].float() / 255.0
-            probs = self.old_model(x).float().softmax(1)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=trainer.use_bf16):
+                logits = self.old_model(x)
+            probs = logits.float().softmax(1)
             ent, pred = normalized_entropy(probs)[0], probs.argmax(1)[0]
             for c in pred.unique().tolist():
                 entropies[c].append(ent[pred == c].numpy())
