@@ -9,7 +9,7 @@ from torch import nn
 
 from everseg.learn.strategies import build_strategies
 from everseg.learn.strategies.distillation import output_distillation
-from everseg.learn.strategies.importance import EWC, MAS, per_sample_weights
+from everseg.learn.strategies.importance import EWC, MAS, per_sample_weights, weighted_image_ce
 from everseg.learn.strategies.mer import MetaReplay
 from everseg.learn.strategies.mib import UnbiasedCrossEntropy, unbiased_distillation
 from everseg.learn.strategies.plop import local_pod_loss, normalized_entropy, pod_embedding, pseudo_label
@@ -113,6 +113,23 @@ def test_per_sample_weights_by_hand():
     w = per_sample_weights(torch.tensor([1.0, 3.0]), gamma=1.0)
     torch.testing.assert_close(w, torch.tensor([0.5, 1.5]))
     torch.testing.assert_close(per_sample_weights(torch.tensor([1.0, 3.0]), gamma=0.0), torch.ones(2))
+
+
+def test_sample_weighting_keeps_the_runs_class_weights():
+    # Image 0: two pixels, classes 0 and 1; image 1: one pixel of class 1 and one ignored.
+    logits = torch.zeros(2, 2, 1, 2)  # uniform: every pixel's CE is log 2
+    target = torch.tensor([[[0, 1]], [[1, 255]]])
+    l2 = math.log(2)
+    # Without class weights each image's mean CE is log 2; image weights 0.5 and 1.5 average to 1.
+    plain = weighted_image_ce(logits, target, torch.tensor([0.5, 1.5]), None)
+    assert plain.item() == pytest.approx(l2)
+    # Class weights (1, 3): image 0 = (1 l2 + 3 l2) / (1 + 3) = l2, image 1 = 3 l2 / 3 = l2;
+    # with a skewed logit the weights matter: class-1 pixels cost log(1 + e).
+    logits[:, 0] = 1.0
+    lc1, lc0 = math.log(1 + math.e), math.log(1 + math.exp(-1))
+    got = weighted_image_ce(logits, target, torch.tensor([1.0, 1.0]), torch.tensor([1.0, 3.0]))
+    expected = ((1 * lc0 + 3 * lc1) / 4 + lc1) / 2
+    assert got.item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_mer_pulls_weights_back_towards_round_start():

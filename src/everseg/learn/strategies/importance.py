@@ -175,11 +175,29 @@ class SampleWeighting(Strategy):
             return {}
         ignore = trainer.train_set.label_space.ignore_index
         target = batch.mask
-        valid = (target != ignore).flatten(1).sum(1).clamp_min(1)
+        valid = (target != ignore).flatten(1).sum(1).clamp_min(1)  # the old model's loss: unweighted
         with torch.no_grad():
             old_logits = self.old_outputs(batch.image)
             known = torch.where(target < old_logits.shape[1], target, torch.full_like(target, ignore))
             old_loss = F.cross_entropy(old_logits.float(), known, ignore_index=ignore, reduction="none")
             weights = per_sample_weights(old_loss.flatten(1).sum(1) / valid, self.gamma)
-        new_loss = F.cross_entropy(output.logits.float(), target, ignore_index=ignore, reduction="none")
-        return {"seg": (weights * new_loss.flatten(1).sum(1) / valid).mean()}
+        return {"seg": weighted_image_ce(output.logits, target, weights,
+                                         getattr(trainer.criterion, "class_weights", None), ignore)}
+
+
+def weighted_image_ce(logits: torch.Tensor, target: torch.Tensor, image_weights: torch.Tensor,
+                      class_weights: torch.Tensor | None, ignore_index: int = 255) -> torch.Tensor:
+    """Mean over images of ``image_weights[i]`` x image ``i``'s class-weighted mean cross-entropy.
+
+    The class weights are the run's own (e.g. median-frequency balancing): replacing the
+    loop's loss must not silently drop them, or rare new classes are never learned.
+    """
+    pixel = F.cross_entropy(logits.float(), target, weight=class_weights, ignore_index=ignore_index,
+                            reduction="none").flatten(1)
+    valid = target != ignore_index
+    if class_weights is None:
+        norm = valid.flatten(1).sum(1).float()
+    else:
+        safe = torch.where(valid, target, torch.zeros_like(target))
+        norm = (class_weights.to(pixel.device)[safe] * valid).flatten(1).sum(1)
+    return (image_weights * pixel.sum(1) / norm.clamp_min(1e-12)).mean()
