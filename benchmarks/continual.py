@@ -231,6 +231,27 @@ def run_stream(args) -> dict:
     return result
 
 
+def stream_table(result: dict) -> str:
+    m = result["machine"]
+    out = ["## Stream: dusk images one at a time (`python benchmarks/continual.py --stream`)", "",
+           f"{m['date']}, commit {m['commit']}, {m['cpu']}, {result.get('threads')} thread(s). Start: the 0016E5 "
+           "model of camvid-domains; the 62 dusk (0001TP) training images arrive one by one. `OnlineLearner`: 4 "
+           f"gradient steps per image with {result.get('memory_size')}-image replay of the stream so far, published "
+           "only if the mIoU on 21 day validation images drops by at most 1 point. Fine-tuning: the same steps, "
+           "no replay, every update published. Test mIoU on day (Seq05VD) and dusk (0001TP) test images; "
+           "plot: `results/stream.png`.", "",
+           "| images streamed | " + " | ".join(f"{label}: day / dusk (version)" for label in result["curves"]) + " |",
+           "|---:|" + "---:|" * len(result["curves"])]
+    curves = list(result["curves"].values())
+    for k, point in enumerate(curves[0]):
+        cells = []
+        for pts in curves:
+            q = pts[k] if k < len(pts) else None
+            cells.append("–" if q is None else f"{q['day']:.1f} / {q['dusk']:.1f} (v{q['version']})")
+        out.append(f"| {point['images']} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=SHARED_DATA / "camvid")
@@ -259,7 +280,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)  # evaluation too, not only the Trainer
     args.overrides = dict(parse_override(x) for x in args.set)
     if args.stream:
-        run_stream(args)
+        update_readme_section("stream", stream_table(run_stream(args)))
         return
     protocols = [p for p in args.protocols.split(",") if p]
     if not args.table:
@@ -270,6 +291,9 @@ def main() -> None:
                 report = run_strategy(source, name, args)
                 print(f"{protocol} {name}: all {report.steps[-1].all_miou} "
                       f"({time.perf_counter() - start:.0f} s)", flush=True)
+    stream = BENCH_DIR / "results" / "stream.json"
+    if args.table and stream.is_file():
+        update_readme_section("stream", stream_table(json.loads(stream.read_text())))
     results = {p: collect(p, args) for p in PROTOCOLS}
     update_readme_section("continual", table([r for r in results.values() if r["strategies"]]))
     print(json.dumps({p: {k: v["all_miou"] for k, v in results[p]["strategies"].items()} for p in protocols},
