@@ -17,6 +17,9 @@ console = Console(stderr=True)
 
 DatasetOpt = Annotated[Optional[str], typer.Option(
     "--dataset", help="camvid | folder | voc | cityscapes | ade20k (default: detect from the layout)")]
+SetOpt = Annotated[list[str], typer.Option("--set", help="Override a config field: section.field=value (repeatable)")]
+ProgressOpt = Annotated[bool, typer.Option(help="Show progress")]
+MemoryOpt = Annotated[int, typer.Option(help="Replay memory budget (images)")]
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -41,8 +44,8 @@ def train(
     epochs: Annotated[Optional[int], typer.Option(help="Overrides train.epochs")] = None,
     out: Annotated[Path, typer.Option(help="Run folder: config, checkpoint, TensorBoard, model/")] = Path("runs/train"),
     resume: Annotated[bool, typer.Option(help="Continue the interrupted run in --out")] = False,
-    set_: Annotated[list[str], typer.Option("--set", help="Override a field: section.field=value (repeatable)")] = [],
-    progress: Annotated[bool, typer.Option(help="Show progress")] = True,
+    set_: SetOpt = [],
+    progress: ProgressOpt = True,
 ) -> None:
     """Train a model; the best (or last) model is saved in OUT/model."""
     from everseg.learn import ConfigError, load_config, parse_override, train as run_train
@@ -77,7 +80,7 @@ def eval_(
     crop: Annotated[Optional[str], typer.Option(help="Sliding-window tile HxW")] = None,
     flip: Annotated[bool, typer.Option(help="Flip test-time augmentation")] = False,
     scales: Annotated[str, typer.Option(help="Multi-scale TTA, e.g. 0.75,1,1.25")] = "1.0",
-    progress: Annotated[bool, typer.Option(help="Show progress")] = True,
+    progress: ProgressOpt = True,
 ) -> None:
     """Evaluate a model on a dataset split: table, JSON, plots and overlays."""
     from everseg.data import DataError, open_dataset
@@ -186,10 +189,10 @@ def learn(
     config: Annotated[Optional[Path], typer.Option(help="YAML config (augmentation, optimiser)")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Epochs over the new images")] = None,
     minutes: Annotated[Optional[float], typer.Option(help="Wall-time budget of the step, in minutes")] = None,
-    memory_size: Annotated[int, typer.Option(help="Replay memory budget (images)")] = 20,
+    memory_size: MemoryOpt = 20,
     param: ParamOpt = [],
-    set_: Annotated[list[str], typer.Option("--set", help="Override a config field (repeatable)")] = [],
-    progress: Annotated[bool, typer.Option(help="Show progress")] = True,
+    set_: SetOpt = [],
+    progress: ProgressOpt = True,
 ) -> None:
     """Teach an existing model new classes or new data; the new model records its parent."""
     from everseg.data import DataError, open_dataset
@@ -234,10 +237,10 @@ def scenario_run(
     step_minutes: Annotated[Optional[float], typer.Option(
         help="Wall-time budget of each later step (default: train.max_minutes)")] = None,
     base_model: Annotated[Optional[Path], typer.Option(help="A model that already learned step 0")] = None,
-    memory_size: Annotated[int, typer.Option(help="Replay memory budget (images)")] = 20,
+    memory_size: MemoryOpt = 20,
     param: ParamOpt = [],
-    set_: Annotated[list[str], typer.Option("--set", help="Override a config field (repeatable)")] = [],
-    progress: Annotated[bool, typer.Option(help="Show progress")] = True,
+    set_: SetOpt = [],
+    progress: ProgressOpt = True,
 ) -> None:
     """Run every step of a scenario with a strategy and write the continual metrics."""
     from everseg.data import DataError, open_dataset
