@@ -33,9 +33,14 @@ CLASSES = ("Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", 
            "Pedestrian", "Bicyclist")
 
 
-def run_variant(variant: str, config: Path, data: Path, overrides: dict, resume: bool = False) -> dict:
+def result_name(variant: str, tag: str | None) -> str:
+    return f"camvid-{variant}-{tag}" if tag else f"camvid-{variant}"
+
+
+def run_variant(variant: str, config: Path, data: Path, overrides: dict, resume: bool = False,
+                tag: str | None = None) -> dict:
     cfg = load_config(config, {"data.path": str(data), **VARIANTS[variant], **overrides})
-    out = BENCH_DIR / "runs" / f"camvid-{variant}"
+    out = BENCH_DIR / "runs" / result_name(variant, tag)
     machine = machine_info()  # at the start: the commit whose code is running
     start = time.perf_counter()
     fit = train(cfg, out, resume=resume and (out / "checkpoint.pt").is_file())
@@ -45,7 +50,7 @@ def run_variant(variant: str, config: Path, data: Path, overrides: dict, resume:
     ev = evaluate(model, test, autocast_bf16=cpu_has_native_bf16(), channels_last=True, progress=False)
     metrics = ev.metrics.to_dict(model.label_space)
     return {
-        "variant": variant, "machine": machine, "config": cfg.model_dump(mode="json"),
+        "variant": variant, "tag": tag, "machine": machine, "config": cfg.model_dump(mode="json"),
         "epochs": fit.epochs_run, "train_minutes": round(train_minutes, 2),
         "wall_minutes": round((time.perf_counter() - start) / 60, 2),
         "train_images_seen": fit.images_seen, "test_images": ev.num_images,
@@ -60,14 +65,15 @@ def table() -> str:
     for path in sorted((BENCH_DIR / "results").glob("camvid-*.json")):
         rows.append(json.loads(path.read_text()))
     order = {v: i for i, v in enumerate(VARIANTS)}
-    rows.sort(key=lambda r: order.get(r["variant"], 99))
+    # Rows at the same budget sit together: the headline (untagged) runs first, then each tag.
+    rows.sort(key=lambda r: (r.get("tag") or "", order.get(r["variant"], 99)))
     head = "| model | mIoU | pixel acc. | train min (budget) | epochs | threads | commit | " + " | ".join(CLASSES) + " |\n"
     head += "|---|---:|---:|---:|---:|---:|---|" + "---:|" * len(CLASSES) + "\n"
     lines = []
     for r in rows:
         c = r["config"]
         name = (f"everseg {c['model']['arch']}/{c['model']['backbone']} OS{c['model']['output_stride']}, "
-                f"{r['variant']}")
+                f"{r['variant']}" + (f" [{r['tag']}]" if r.get("tag") else ""))
         per = " | ".join(f"{r['per_class_iou'][k]:.1f}" for k in CLASSES)
         t = c["train"]
         threads = t.get("threads") or r["machine"].get("torch_threads")
@@ -94,12 +100,14 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=SHARED_DATA / "camvid")
     parser.add_argument("--set", action="append", default=[], help="config override section.field=value")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run of this variant")
+    parser.add_argument("--tag", help="keep this run apart from the variant's headline run, e.g. a smaller "
+                                      "budget: results/camvid-<variant>-<tag>.json")
     args = parser.parse_args()
     from everseg.learn import parse_override
 
     overrides = dict(parse_override(s) for s in args.set)
-    result = run_variant(args.variant, args.config, args.data, overrides, resume=args.resume)
-    write_json(f"camvid-{args.variant}", result)
+    result = run_variant(args.variant, args.config, args.data, overrides, resume=args.resume, tag=args.tag)
+    write_json(result_name(args.variant, args.tag), result)
     update_readme_section("camvid", table())
     print(json.dumps({k: result[k] for k in ("variant", "miou", "train_minutes", "epochs")}, indent=2))
 
