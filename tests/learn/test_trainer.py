@@ -179,3 +179,16 @@ def test_grad_accumulation_adamw_cosine_and_time_budget(tiny_camvid, tmp_path):
     # The budget ends inside the first epoch: it is cut after the step that used it up.
     assert result.epochs_run == 1 and cut.global_step == 1 and result.images_seen == 2
     assert (tmp_path / "budget" / "model" / "config.json").is_file()
+
+
+def test_train_with_the_same_seed_gives_the_same_model(tiny_camvid, tmp_path):
+    from everseg.learn import train
+
+    def weights(run, seed):
+        cfg = tiny_config(tiny_camvid, **{"data.val_split": None, "train.epochs": 1, "train.seed": seed})
+        return load_model(train(cfg, tmp_path / run, progress=False).model_dir).state_dict()
+
+    first, again, other = weights("a", 0), weights("b", 0), weights("c", 1)
+    for k, a in first.items():
+        torch.testing.assert_close(a, again[k], msg=f"{k} differs between two runs with seed 0")
+    assert any(not torch.equal(a, other[k]) for k, a in first.items() if a.is_floating_point())

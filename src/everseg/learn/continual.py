@@ -138,6 +138,8 @@ def run_scenario(scenario: Scenario, strategy: str | Sequence[Strategy], cfg: Ru
                 # which this scenario has (``learn`` on a bare model has not, and starts empty).
                 memory.update(step.train, step=0)
         else:
+            # Seeded before the model is built: a new head's initial weights are part of the run.
+            torch.manual_seed(cfg.train.seed + t)
             if joint or model is None:
                 model = _new_model(cfg, step)  # joint retrains from the pretrained backbone each step
             elif step.label_space.num_classes > model.num_classes:
@@ -153,7 +155,6 @@ def run_scenario(scenario: Scenario, strategy: str | Sequence[Strategy], cfg: Ru
             start = time.perf_counter()  # the step's cost: strategy set-up and wrap-up included
             for s in active:
                 s.begin_step(ctx)
-            torch.manual_seed(cfg.train.seed + t)
             trainer = Trainer(model, data.with_transform(augment), None, step_cfg, step_dir,
                               plugins=[*finetune_plugins(cfg), *active], progress=progress)
             fit = trainer.fit()

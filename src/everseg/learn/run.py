@@ -12,7 +12,7 @@ from everseg.data.transforms import AugmentConfig, train_transform
 from everseg.learn.config import RunConfig
 from everseg.learn.finetune import FrozenBackbone, GradualUnfreeze
 from everseg.learn.plugins import Plugin
-from everseg.learn.trainer import FitResult, Trainer
+from everseg.learn.trainer import FitResult, Trainer, seed_everything
 
 
 def training_augmentation(cfg: RunConfig):
@@ -65,6 +65,9 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, progress
           plugins: Sequence[Plugin] = ()) -> FitResult:
     """Train as ``cfg`` says, writing the run (config, checkpoint, model, TensorBoard) into ``out_dir``."""
     train_set, val_set = build_datasets(cfg)
+    # Seeded before the model is built, or the decoder's initial weights differ from run to run
+    # and so does the result (the Trainer seeds again for data order and augmentation).
+    seed_everything(cfg.train.seed)
     model = build_model(cfg, train_set)
     trainer = Trainer(model, train_set, val_set, cfg, out_dir,
                       plugins=[*finetune_plugins(cfg), *plugins], progress=progress)
