@@ -59,3 +59,49 @@ def test_bad_observation_names_the_problem(setup):
         learner.observe(image, np.full_like(mask, 42))
     with pytest.raises(ValueError, match="mask is"):
         learner.observe(image, mask[:-1])
+
+
+def test_every_kth_image_is_held_out_and_scored_from_then_on(setup):
+    train, holdout, model, root = setup
+    learner = OnlineLearner(model, root, holdout, steps=1, replay=1, tolerance=100.0, holdout_every=2)
+    first = learner.observe(*train.decoded(0), stem="a")
+    assert not first.held_out and first.accepted
+    before = learner.holdout_miou
+    second = learner.observe(*train.decoded(1), stem="b")
+    assert second.held_out and not second.accepted and second.version == first.version
+    assert [stem for *_, stem in learner._held_out] == ["b"]
+    assert len(learner.memory) == 1  # a held-out image is never trained on, nor replayed
+    # the guardrail's reference now includes the held-out image: recompute it from scratch
+    from everseg.evaluate import evaluate
+    from everseg.evaluate.metrics import SegmentationMetrics
+
+    parts = [evaluate(learner.model, d, progress=False).metrics.confusion
+             for d in (holdout, learner._held_out_set(learner._held_out))]
+    expected = 100 * SegmentationMetrics.from_confusion(parts[0] + parts[1]).miou
+    assert learner.holdout_miou == pytest.approx(expected, abs=1e-6)
+    assert learner.holdout_miou != pytest.approx(before, abs=1e-9)
+    with pytest.raises(ValueError, match="holdout_every"):
+        OnlineLearner(model, root, holdout, holdout_every=1)
+
+
+def test_update_loss_is_weighted_by_memory_and_new_image(setup):
+    train, holdout, model, root = setup
+    learner = OnlineLearner(model, root, holdout, steps=1, memory_size=4)
+    _, mask = train.decoded(0)
+    weights = learner._update_config(mask).loss.class_weights
+    assert len(weights) == model.num_classes
+    ids, counts = np.unique(mask[mask != 255], return_counts=True)
+    common, rare = ids[counts.argmax()], ids[counts.argmin()]
+    assert weights[rare] > weights[common]  # inverse_sqrt: fewer pixels, larger weight
+    assert OnlineLearner(model, root, holdout, class_weights="none")._update_config(mask).loss.class_weights == "none"
+    with pytest.raises(ValueError, match="unknown class weighting"):
+        OnlineLearner(model, root, holdout, class_weights="loud")
+
+
+def test_restarted_learner_takes_back_the_published_memory(setup):
+    train, holdout, model, root = setup
+    learner = OnlineLearner(model, root, holdout, steps=1, replay=1, tolerance=100.0, memory_size=3)
+    learner.observe(*train.decoded(0), stem="kept")
+    restarted = OnlineLearner(model, root, holdout, steps=1)
+    assert restarted.version == learner.version
+    assert [item.stem for item in restarted.memory.items] == ["kept"]

@@ -5,6 +5,20 @@ gradient steps on the new image mixed with replayed ones (the one Trainer loop, 
 replay strategy), checks the copy on a held-out set, and publishes it as a new version
 only if its mIoU is not more than ``tolerance`` points below the current model's.
 ``predict`` always uses the current published model, swapped in under a lock.
+
+Three things keep single-image updates from doing harm:
+
+- the update's cross-entropy is class-weighted by what it trains on (the memory plus the new
+  image), so one image dominated by road and sky does not push the rare classes away;
+- the replay memory can start with the images the model already learned from (pass
+  ``ReplayMemory.load(model_dir / "memory")`` or one filled from the training set), so each
+  update rehearses the old conditions instead of only the stream;
+- with ``holdout_every=k`` every k-th observed image joins the held-out set instead of being
+  trained on, so the guardrail also scores the conditions the stream brings, not only the
+  ones the initial held-out set was drawn from.
+
+Each published version stores the memory it was trained with, and a learner restarted on the
+same registry takes it back.
 """
 
 from __future__ import annotations
@@ -23,7 +37,9 @@ from torch.nn.modules.batchnorm import _NormBase
 
 from everseg.data.dataset import SegmentationDataset
 from everseg.data.transforms import AugmentConfig, train_transform
+from everseg.evaluate.metrics import SegmentationMetrics
 from everseg.learn.config import load_config
+from everseg.learn.losses import compute_class_weights
 from everseg.learn.memory import ReplayMemory
 from everseg.learn.plugins import Plugin
 from everseg.learn.strategies.base import ContinualContext
@@ -48,6 +64,7 @@ class Observation:
     holdout_miou_before: float
     holdout_miou_after: float
     seconds: float
+    held_out: bool = False  # the image joined the held-out set; nothing was trained
 
 
 class OnlineLearner:
@@ -57,19 +74,35 @@ class OnlineLearner:
         model: the starting model (published as version 1 if the registry is empty).
         registry: where versions are stored (a folder or a ModelRegistry).
         holdout: labelled images the guardrail scores every update on.
-        memory: replay memory (a new class-balanced one of ``memory_size`` if None).
+        memory: replay memory; if None, the current version's stored memory when the registry
+            has one, else a new reservoir memory of ``memory_size`` images.
         steps: gradient steps per observed image.
         replay: replayed images per step.
         lr: learning rate of the updates (SGD with momentum).
         tolerance: largest holdout mIoU drop (points, 0-100) an update may cause and be published.
         crop_size: training crop (h, w); None = whole images.
+        class_weights: ``inverse_sqrt``, ``median_frequency`` or ``none``: CE class weights of
+            each update, from the pixel counts of the memory plus the new image.
+        holdout_every: every k-th observed image is held out (scored by the guardrail from
+            then on, never trained on); None = the held-out set stays as given.
     """
 
     def __init__(self, model: nn.Module, registry: str | Path | ModelRegistry, holdout: SegmentationDataset, *,
                  memory: ReplayMemory | None = None, memory_size: int = 20, steps: int = 4, replay: int = 3,
-                 lr: float = 0.002, tolerance: float = 1.0, crop_size: tuple[int, int] | None = None, seed: int = 0):
+                 lr: float = 0.002, tolerance: float = 1.0, crop_size: tuple[int, int] | None = None, seed: int = 0,
+                 class_weights: str = "inverse_sqrt", holdout_every: int | None = None):
+        if holdout_every is not None and holdout_every < 2:
+            raise ValueError(f"holdout_every must be at least 2 (every image held out trains nothing), "
+                             f"got {holdout_every}")
         self.registry = registry if isinstance(registry, ModelRegistry) else ModelRegistry(registry)
         self.holdout = holdout
+        self.holdout_every = holdout_every
+        self._held_out: list[tuple[np.ndarray, np.ndarray, str]] = []
+        self.class_weights = class_weights
+        compute_class_weights(np.ones((1, 2)), class_weights)  # refuses an unknown method now, not mid-stream
+        if memory is None and self.registry.current is not None:
+            stored = self.registry.path(self.registry.current) / "memory"
+            memory = ReplayMemory.load(stored) if (stored / "memory.json").is_file() else None
         self.memory = memory if memory is not None else ReplayMemory(memory_size, policy="reservoir", seed=seed)
         self.steps, self.replay, self.tolerance = steps, replay, tolerance
         self.bf16 = cpu_has_native_bf16()
@@ -81,11 +114,11 @@ class OnlineLearner:
             "data.crop_size": list(crop_size) if crop_size else None, "data.scale": [0.9, 1.1]})
         self.augment = train_transform(AugmentConfig(crop_size=crop_size, scale=(0.9, 1.1)))
         if self.registry.current is None:
-            self.registry.publish(model, info={"source": "initial"})
+            self._publish(model, parent=None, info={"source": "initial"})
             self._model = model.eval()
         else:
             self._model = self.registry.load().eval()
-        self._holdout_miou = self._score(self._model)
+        self._confusion = self._holdout_confusion(self._model)
 
     @property
     def model(self) -> nn.Module:
@@ -104,19 +137,59 @@ class OnlineLearner:
         x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None]
         return predict(model, x, autocast_bf16=self.bf16)[0].numpy()
 
-    def _score(self, model: nn.Module) -> float:
+    @property
+    def holdout_miou(self) -> float:
+        """The current model's mIoU on the held-out set (given + held out from the stream)."""
+        return 100.0 * SegmentationMetrics.from_confusion(self._confusion).miou
+
+    def _held_out_set(self, items) -> SegmentationDataset:
+        images, masks, stems = zip(*items)
+        return SegmentationDataset.from_arrays(list(images), list(masks), self._model.label_space, list(stems),
+                                               name="held-out")
+
+    def _holdout_confusion(self, model: nn.Module, items=None) -> np.ndarray:
+        """Summed confusion over the given held-out set and ``items`` (default: every held-out image)."""
         from everseg.evaluate import evaluate
 
-        return 100.0 * evaluate(model, self.holdout, autocast_bf16=self.bf16, progress=False).metrics.miou
+        sets = [self.holdout] if items is None else []
+        items = self._held_out if items is None else items
+        if items:
+            sets.append(self._held_out_set(items))
+        return sum(evaluate(model, d, autocast_bf16=self.bf16, progress=False).metrics.confusion for d in sets)
+
+    def _publish(self, model: nn.Module, parent: int | None, info: dict) -> int:
+        version = self.registry.publish(model, parent=parent, info=info)
+        self.memory.save(self.registry.path(version) / "memory")  # a restarted learner replays the same images
+        return version
+
+    def _update_config(self, mask: np.ndarray):
+        """The update's config: class weights from what it trains on (memory + the new image)."""
+        if self.class_weights == "none":
+            return self.config
+        n, ignore = self._model.num_classes, self._model.label_space.ignore_index
+        counts = np.stack([np.bincount(m[m != ignore].ravel(), minlength=n)[:n]
+                           for m in [mask, *(item.mask for item in self.memory.items)]])
+        weights = compute_class_weights(counts, self.class_weights, self.config.loss.max_class_weight)
+        loss = self.config.loss.model_copy(update={"class_weights": weights.tolist()})
+        return self.config.model_copy(update={"loss": loss})
 
     def observe(self, image: np.ndarray, mask: np.ndarray, stem: str | None = None) -> Observation:
-        """Train a copy on this image (+ replay); publish it if the holdout guardrail allows."""
+        """Train a copy on this image (+ replay); publish it if the holdout guardrail allows.
+
+        With ``holdout_every`` set, every k-th image is instead added to the held-out set.
+        """
         start = time.perf_counter()
         self._seen += 1
         stem = stem or f"online-{self._seen}"
         with self._lock:
             base, parent = self._model, self.registry.current
         data = SegmentationDataset.from_arrays([image], [mask], base.label_space, [stem], name="online")
+        if self.holdout_every and self._seen % self.holdout_every == 0:
+            before = self.holdout_miou
+            item = (data.decoded(0)[0], data.decoded(0)[1], stem)
+            self._held_out.append(item)
+            self._confusion = self._confusion + self._holdout_confusion(base, [item])
+            return Observation(False, parent, before, self.holdout_miou, time.perf_counter() - start, held_out=True)
         candidate = copy.deepcopy(base)
         ctx = ContinualContext(step=None, step_index=self._seen, old_model=None, old_num_classes=base.num_classes,
                                memory=self.memory)
@@ -124,20 +197,21 @@ class OnlineLearner:
         replay.begin_step(ctx)
         torch.manual_seed(self._seen)
         with tempfile.TemporaryDirectory() as tmp:
-            Trainer(candidate, data.with_transform(self.augment), None, self.config, tmp,
+            Trainer(candidate, data.with_transform(self.augment), None, self._update_config(mask), tmp,
                     plugins=[_FrozenNorm(), replay], progress=False, write_run=False).fit()
         candidate.eval()
-        after = self._score(candidate)
-        before = self._holdout_miou
+        confusion = self._holdout_confusion(candidate)
+        before = self.holdout_miou
+        after = 100.0 * SegmentationMetrics.from_confusion(confusion).miou
         accepted = after >= before - self.tolerance
+        self._remember(image, mask, stem)
         if accepted:
-            version = self.registry.publish(candidate, parent=parent,
-                                            info={"observed": stem, "holdout_miou": after, "previous": before})
+            version = self._publish(candidate, parent=parent,
+                                    info={"observed": stem, "holdout_miou": after, "previous": before})
             with self._lock:
-                self._model, self._holdout_miou = candidate, after
+                self._model, self._confusion = candidate, confusion
         else:
             version = parent
-        self._remember(image, mask, stem)
         return Observation(accepted, version, before, after, time.perf_counter() - start)
 
     def _remember(self, image: np.ndarray, mask: np.ndarray, stem: str) -> None:
@@ -149,5 +223,5 @@ class OnlineLearner:
         with self._lock:
             version = self.registry.rollback(version)
             self._model = self.registry.load(version).eval()
-            self._holdout_miou = self._score(self._model)
+            self._confusion = self._holdout_confusion(self._model)
             return version
