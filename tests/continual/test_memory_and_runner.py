@@ -135,3 +135,45 @@ def test_replay_from_a_shared_base_remembers_the_base_images(tiny_scenario, tmp_
     # Without the base's images the memory would hold step 1's only, and replay would replay
     # nothing old during step 1.
     assert any(item.step == 0 for item in memory.items)
+
+
+@pytest.mark.parametrize("strategy", ["ewc", "mas"])
+def test_importance_from_a_model_trained_elsewhere_is_measured_before_the_step(tiny_scenario, tmp_path, strategy):
+    """A shared base (or ``learn`` on a bare model) has no importance: without this step 1 had no penalty."""
+    import copy
+
+    from everseg.learn import Trainer
+    from everseg.learn.optim import build_optimizer
+    from everseg.learn.strategies import build_strategies
+    from everseg.learn.strategies.base import ContinualContext
+    from everseg.models import create_model
+
+    step = tiny_scenario.steps[1]
+    torch.manual_seed(0)
+    old = create_model(arch="lraspp", backbone="mobilenet_v2", label_space=tiny_scenario.steps[0].label_space,
+                       pretrained=False).eval()
+    for p in old.parameters():
+        p.requires_grad_(False)
+    new = copy.deepcopy(old)
+    new.grow_classifier(step.label_space)
+    cfg = tiny_cfg()
+    (s,) = build_strategies(strategy)
+    s.begin_step(ContinualContext(step=step, step_index=1, old_model=old, old_num_classes=old.num_classes))
+    trainer = Trainer(new, step.train.with_transform(None), None, cfg, tmp_path, plugins=[s], progress=False,
+                      write_run=False)
+    trainer.optimizer = build_optimizer(new, cfg.optim)
+    s.on_fit_start(trainer)
+    assert sum(float(w.sum()) for w in s.importance.values()) > 0
+    for n, p in old.named_parameters():
+        torch.testing.assert_close(s.anchor[n], p)
+    assert s.penalty(old).item() == 0.0  # at the anchor
+    moved = copy.deepcopy(old)
+    with torch.no_grad():
+        for p in moved.parameters():
+            p.add_(0.01)
+    assert s.penalty(moved).item() > 0.0
+    # The spring may not overshoot its anchor in one SGD step: lr * 2 * weight * importance <= 1.
+    s.weight = 1e6
+    s.on_fit_start(trainer)
+    cap = 1.0 / (2 * 1e6 * cfg.optim.lr)
+    assert max(float(w.max()) for w in s.importance.values()) <= cap * (1 + 1e-6)

@@ -192,3 +192,13 @@ def test_train_with_the_same_seed_gives_the_same_model(tiny_camvid, tmp_path):
     for k, a in first.items():
         torch.testing.assert_close(a, again[k], msg=f"{k} differs between two runs with seed 0")
     assert any(not torch.equal(a, other[k]) for k, a in first.items() if a.is_floating_point())
+
+
+def test_a_diverging_loss_stops_training_with_the_term_named(tiny_camvid, tmp_path):
+    class Explode(Plugin):
+        def loss_terms(self, trainer, batch, output):
+            return {"boom": output.logits.sum() * float("inf")}
+
+    cfg = tiny_config(tiny_camvid, **{"data.val_split": None, "train.epochs": 1})
+    with pytest.raises(FloatingPointError, match=r"epoch 1, step \d+: the loss is not finite.*boom="):
+        make_trainer(cfg, tmp_path / "run", plugins=[Explode()]).fit()

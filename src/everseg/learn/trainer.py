@@ -9,6 +9,7 @@ is saved as an everseg model folder in ``<out>/model``.
 from __future__ import annotations
 
 import json
+import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -220,9 +221,12 @@ class Trainer:
                     n_batches += 1
                     self.images_seen += batch.image.shape[0]
                     if (i + 1) % tc.log_every == 0 or i + 1 == len(loader) or out_of_time:
+                        mean_loss = float(loss_sum) / n_batches
+                        if not math.isfinite(mean_loss):
+                            raise self._diverged(i + 1, term_sums, n_batches)
                         seconds = time.perf_counter() - epoch_start
                         ips = n_batches * tc.batch_size / max(seconds, 1e-9)
-                        progress.update(i + 1, float(loss_sum) / n_batches, ips, self.current_lr())
+                        progress.update(i + 1, mean_loss, ips, self.current_lr())
                         if writer is not None:
                             writer.add_scalar("train/loss", float(loss.detach()), self.global_step)
                             writer.add_scalar("train/lr", self.current_lr(), self.global_step)
@@ -284,6 +288,14 @@ class Trainer:
                          history=self.history)
 
     # ------------------------------------------------------------------ pieces of the loop
+    def _diverged(self, step: int, term_sums: dict[str, torch.Tensor], n_batches: int) -> FloatingPointError:
+        terms = ", ".join(f"{k}={float(v) / n_batches:.4g}" for k, v in term_sums.items())
+        kept = (f"the checkpoint of the last finished epoch is kept in {self.out_dir / 'checkpoint.pt'}; "
+                if self.write_run and self.epoch > 0 else "")
+        return FloatingPointError(
+            f"training diverged in epoch {self.epoch + 1}, step {step}: the loss is not finite "
+            f"(mean terms so far: {terms}); {kept}lower optim.lr or the weight of the term that blew up")
+
     def budget_used(self) -> float:
         """Share of ``train.max_minutes`` spent so far (0 without a budget); drives the LR decay."""
         budget = self.config.train.max_minutes

@@ -5,12 +5,25 @@ penalise moving important parameters: ``sum_i Omega_i (theta_i - theta*_i)^2``, 
 ``theta*`` the weights at the end of the previous step. Importance accumulates over
 steps (a running sum, as in online EWC, Schwarz et al. 2018). Classifier rows of classes
 added later have no previous value and are not penalised.
+
+A step that starts from a model trained elsewhere (a shared base, or ``everseg learn`` on
+a bare model) has no importance yet: it is then estimated from the previous model on the
+step's own images before training, with the previous model's predictions as labels where
+labels are needed (EWC). Without that the first step would have no penalty at all.
+
+The quadratic penalty is a spring of stiffness ``2 * weight * Omega`` per parameter; under
+SGD with learning rate ``lr`` it overshoots its anchor, and diverges, once ``lr`` times the
+stiffness passes 2. Importance is therefore capped so that ``lr * 2 * weight * Omega <= 1``
+(MAS's unnormalised output-norm gradients reach that on real images: the loss went to inf
+on camvid-domains).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from typing import Iterator
+
+import copy
 
 import torch
 import torch.nn.functional as F
@@ -40,31 +53,50 @@ class _ParameterImportance(Strategy, ABC):
             yield trainer.to_batch(raw)
 
     @abstractmethod
-    def sample_importance(self, model: nn.Module, batch: Batch) -> None:
-        """Backpropagate the quantity whose gradient magnitude measures importance."""
+    def sample_importance(self, model: nn.Module, batch: Batch, own_labels: bool = False) -> None:
+        """Backpropagate the quantity whose gradient magnitude measures importance.
 
-    def end_step(self, ctx, trainer) -> None:
-        model = trainer.model
+        ``own_labels``: the batch's labels are not the model's task (a new step's images);
+        strategies that need labels use the model's own predictions instead.
+        """
+
+    def _estimate(self, model: nn.Module, trainer, own_labels: bool) -> dict[str, torch.Tensor]:
         was_training = model.training
         model.eval()
         sums = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
         batches = 0
         for batch in self._batches(trainer):
             model.zero_grad(set_to_none=True)
-            self.sample_importance(model, batch)
+            self.sample_importance(model, batch, own_labels)
             for n, p in model.named_parameters():
                 if p.grad is not None:
                     sums[n] += self.grad_to_importance(p.grad.detach())
             batches += 1
         model.zero_grad(set_to_none=True)
         model.train(was_training)
-        for n, s in sums.items():
-            s /= max(1, batches)
+        return {n: s / max(1, batches) for n, s in sums.items()}
+
+    def on_fit_start(self, trainer) -> None:
+        if not self.anchor and self.old_model is not None:
+            # The previous model was trained elsewhere: measure what mattered to it now.
+            old = copy.deepcopy(self.old_model)
+            for p in old.parameters():
+                p.requires_grad_(True)
+            self.importance = self._estimate(old, trainer, own_labels=True)
+            self.anchor = {n: p.detach().clone() for n, p in old.named_parameters()}
+        if self.anchor:
+            lr = max(g.get("initial_lr", g["lr"]) for g in trainer.optimizer.param_groups)
+            if lr > 0 and self.weight > 0:
+                cap = 1.0 / (2.0 * self.weight * lr)
+                self.importance = {n: w.clamp(max=cap) for n, w in self.importance.items()}
+
+    def end_step(self, ctx, trainer) -> None:
+        for n, s in self._estimate(trainer.model, trainer, own_labels=False).items():
             prev = self.importance.get(n)
             if prev is not None and prev.shape == s.shape:
                 s = s + prev
             self.importance[n] = s
-        self.anchor = {n: p.detach().clone() for n, p in model.named_parameters()}
+        self.anchor = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
 
     @staticmethod
     def grad_to_importance(grad: torch.Tensor) -> torch.Tensor:
@@ -114,9 +146,10 @@ class EWC(_ParameterImportance):
     def __init__(self, weight: float = 500.0, max_batches: int = 16, batch_size: int = 4):
         super().__init__(weight / 2, max_batches, batch_size)
 
-    def sample_importance(self, model, batch: Batch) -> None:
+    def sample_importance(self, model, batch: Batch, own_labels: bool = False) -> None:
         logits = model(batch.image)
-        F.cross_entropy(logits.float(), batch.mask, ignore_index=255).backward()
+        target = logits.detach().argmax(1) if own_labels else batch.mask
+        F.cross_entropy(logits.float(), target, ignore_index=255).backward()
 
 
 class MAS(_ParameterImportance):
@@ -135,8 +168,8 @@ class MAS(_ParameterImportance):
     def __init__(self, weight: float = 10.0, max_batches: int = 16, batch_size: int = 4):
         super().__init__(weight, max_batches, batch_size)
 
-    def sample_importance(self, model, batch: Batch) -> None:
-        logits = model(batch.image).float()
+    def sample_importance(self, model, batch: Batch, own_labels: bool = False) -> None:
+        logits = model(batch.image).float()  # no labels needed
         logits.pow(2).sum(1).mean().backward()
 
     @staticmethod
