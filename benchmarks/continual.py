@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 from common import BENCH_DIR, SHARED_DATA, machine_info, update_readme_section, write_json
+from everseg.atomic import atomic_write_json
 from everseg.data import open_dataset
 from everseg.data.protocols import get_protocol
 from everseg.data.scenarios import build_scenario
@@ -44,6 +45,7 @@ STRATEGIES = ["finetune", "ewc", "mas", "weighting", "replay", "lwf", "ilt", "mi
               "plop+replay", "mib+replay"]
 PROTOCOLS = ["camvid-6-5", "camvid-6-1", "camvid-domains"]
 JOINT_FROM = {"camvid-6-1": "camvid-6-5"}  # same last-step images and classes: one joint serves both
+RUN_INFO = "benchmark-run.json"  # written beside a run's results.json
 HOLDOUT_EVERY = 5  # stream: every 5th dusk image guards the updates instead of training them
 PUBLISHED = "Published VOC 15-1 context: PLOP 54.6 of joint 77.4 (0.71x); SSUL-M 71.4 (0.92x)."
 
@@ -91,10 +93,21 @@ def run_strategy(protocol: str, name: str, args) -> ContinualReport:
     base = base_model(protocol, args)
     minutes = args.domain_base_minutes if scenario.spec.kind == "domain" else args.base_minutes
     cfg = _config(args, minutes)
+    # Which code and machine made this run: the table is collected later, often at another commit.
+    made = {**machine_info(), "threads": args.threads}
     if name == "joint":
-        return run_scenario(scenario, "joint", cfg, run, base_model=base, progress=False)
-    return run_scenario(scenario, name, cfg, run, base_model=base, step_minutes=args.step_share * minutes,
-                        memory_size=args.memory, progress=False)
+        report = run_scenario(scenario, "joint", cfg, run, base_model=base, progress=False)
+    else:
+        report = run_scenario(scenario, name, cfg, run, base_model=base, step_minutes=args.step_share * minutes,
+                              memory_size=args.memory, progress=False)
+    atomic_write_json(run / RUN_INFO, made)
+    return report
+
+
+def run_info(run: Path) -> dict:
+    """The commit and threads a finished run was made with ({} for runs older than this record)."""
+    path = run / RUN_INFO
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def _all_miou(report: ContinualReport) -> float | None:
@@ -142,6 +155,8 @@ def collect(protocol: str, args) -> dict:
                 # Runs that share the base did not see the untrained model; the base run did (FWT).
                 report.initial_domain_miou = base.initial_domain_miou
             out["strategies"][name] = summarise(report, joint)
+            info = run_info(joint_dir if name == "joint" else args.runs / protocol / name)
+            out["strategies"][name]["made_at"] = {k: info.get(k) for k in ("commit", "date", "threads")}
     write_json(f"continual-{protocol}", out)
     return out
 
@@ -158,26 +173,31 @@ def table(all_results: list[dict]) -> str:
         m, domain = res["machine"], res["protocol"] == "camvid-domains"
         base = res["domain_base_minutes"] if domain else res["base_minutes"]
         out += [f"### {res['protocol']}", "",
-                f"{m['date']}, commit {m['commit']}, {m['cpu']}, {res['threads']} thread(s) per run; step 0 and "
+                f"Collected {m['date']} on {m['cpu']}; the commit that made each run is in the last column (– = "
+                f"not recorded: runs older than that record). 1 thread per run, two runs at a time; step 0 and "
                 f"each joint retraining {base:g} min, each incremental step {res['step_share'] * base:.2f} min; "
                 f"replay memory {res['memory_size']} images; joint from `{res['joint_from']}`.", ""]
         if domain:
-            out += ["| strategy | day mIoU | dusk mIoU | mean | ratio | BWT | FWT | step time |",
-                    "|---|---:|---:|---:|---:|---:|---:|---:|"]
+            out += ["| strategy | day mIoU | dusk mIoU | mean | ratio | BWT | FWT | step time | commit |",
+                    "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
         else:
-            out += ["| strategy | old mIoU | new mIoU | all mIoU | ratio | avg. incr. mIoU | BWT | step time |",
-                    "|---|---:|---:|---:|---:|---:|---:|---:|"]
+            out += ["| strategy | old mIoU | new mIoU | all mIoU | ratio | avg. incr. mIoU | BWT | step time "
+                    "| commit |",
+                    "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
         for name, r in res["strategies"].items():
             share, ratio = r["max_step_share_of_joint"], r["ratio_to_joint"]
-            ratio_s, share_s = "–" if ratio is None else f"{ratio:.2f}", "–" if share is None else f"{100 * share:.0f}%"
+            ratio_s = "–" if ratio is None else f"{ratio:.2f}"
+            share_s = "–" if share is None else f"{100 * share:.0f}%"
+            commit = (r.get("made_at") or {}).get("commit") or "–"
             if domain:
                 d = r["domain_miou_last"]
                 out.append(f"| {name} | {fmt(d.get('day'))} | {fmt(d.get('dusk'))} | {fmt(r['all_miou'])} | "
-                           f"{ratio_s} | {fmt(r['backward_transfer'])} | {fmt(r['forward_transfer'])} | {share_s} |")
+                           f"{ratio_s} | {fmt(r['backward_transfer'])} | {fmt(r['forward_transfer'])} | {share_s} | "
+                           f"{commit} |")
             else:
                 out.append(f"| {name} | {fmt(r['old_miou'])} | {fmt(r['new_miou'])} | {fmt(r['all_miou'])} | "
                            f"{ratio_s} | {fmt(r['average_incremental_miou'])} | {fmt(r['backward_transfer'])} | "
-                           f"{share_s} |")
+                           f"{share_s} | {commit} |")
         out.append("")
     return "\n".join(out)
 
