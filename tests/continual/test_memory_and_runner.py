@@ -177,3 +177,42 @@ def test_importance_from_a_model_trained_elsewhere_is_measured_before_the_step(t
     s.on_fit_start(trainer)
     cap = 1.0 / (2 * 1e6 * cfg.optim.lr)
     assert max(float(w.max()) for w in s.importance.values()) <= cap * (1 + 1e-6)
+
+
+@pytest.mark.parametrize("stale_background", ["ignore", "keep"])
+def test_replay_ignores_background_of_images_stored_before_new_classes(tiny_scenario, tmp_path, stale_background):
+    """A stored mask's background means "none of the classes known then": not evidence against later ones."""
+    from everseg.learn import Trainer
+    from everseg.learn.memory import ReplayMemory
+    from everseg.learn.plugins import Batch
+    from everseg.learn.strategies.base import ContinualContext
+    from everseg.learn.strategies.replay import Replay
+    from everseg.models import create_model
+
+    base, step = tiny_scenario.steps
+    memory = ReplayMemory(2, policy="reservoir")
+    memory.update(base.train, step=0)
+    model = create_model(arch="lraspp", backbone="mobilenet_v2", label_space=step.label_space, pretrained=False)
+    trainer = Trainer(model, step.train.with_transform(None), None, tiny_cfg(), tmp_path, progress=False,
+                      write_run=False)
+    replay = Replay(fraction=1.0, stale_background=stale_background)
+    replay.begin_step(ContinualContext(step=step, step_index=1, old_model=None,
+                                       old_num_classes=base.label_space.num_classes, memory=memory))
+    image, mask = step.train.decoded(0)
+    batch = Batch(image=torch.from_numpy(image).permute(2, 0, 1)[None].float(),
+                  mask=torch.from_numpy(mask)[None].long(), stems=["x"])
+    replay.before_forward(trainer, batch)
+    replayed = batch.mask[1:]
+    stored = torch.stack([torch.from_numpy(it.mask).long() for it in memory.items])
+    stored = stored[[next(j for j, it in enumerate(memory.items) if it.stem == s) for s in batch.stems[1:]]]
+    if stale_background == "ignore":
+        assert (replayed == 0).sum() == 0 and (stored == 0).sum() > 0
+        torch.testing.assert_close(replayed, torch.where(stored == 0, torch.full_like(stored, 255), stored))
+    else:
+        torch.testing.assert_close(replayed, stored)
+    # Domain steps teach no class: nothing there is stale.
+    import dataclasses
+
+    replay.begin_step(ContinualContext(step=dataclasses.replace(step, new_classes=()), step_index=1, old_model=None,
+                                       old_num_classes=0, memory=memory))
+    assert not replay._background_is_stale(0)

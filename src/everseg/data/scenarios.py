@@ -145,7 +145,7 @@ class Scenario:
         return len(self.steps)
 
 
-def _has_background(ls: LabelSpace) -> bool:
+def has_background(ls: LabelSpace) -> bool:
     return ls.names[0].lower() in (BACKGROUND, "_background_")
 
 
@@ -197,7 +197,7 @@ def _class_incremental(spec: ScenarioSpec, pool: SegmentationDataset, test_set: 
     if unknown:
         raise DataError(None, f"scenario {spec.name!r} names classes {unknown} that the dataset lacks "
                               f"(classes: {list(names)})")
-    has_bg = _has_background(data_ls)
+    has_bg = has_background(data_ls)
     synthetic = not has_bg
     bg_data_id = 0 if has_bg else None
     order = [c for st in spec.steps for c in st.classes if c != names[0] or not has_bg]
@@ -302,7 +302,7 @@ def align_labels(dataset: SegmentationDataset, label_space: LabelSpace) -> Segme
     """
     if dataset.label_space.names == label_space.names:
         return dataset
-    has_bg = _has_background(label_space)
+    has_bg = has_background(label_space)
     lut = np.full(256, 0, dtype=np.uint8)
     lut[dataset.label_space.ignore_index] = label_space.ignore_index
     missing = []

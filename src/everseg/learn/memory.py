@@ -163,4 +163,4 @@ class MemoryDataset(Dataset):
         mask = torch.from_numpy(item.mask)
         if self.transform is not None:
             image, mask = self.transform(image, mask)
-        return {"image": image.contiguous(), "mask": mask.long(), "stem": item.stem}
+        return {"image": image.contiguous(), "mask": mask.long(), "stem": item.stem, "step": item.step}

@@ -7,6 +7,7 @@ import random
 import torch
 import torch.nn.functional as F
 
+from everseg.data.scenarios import has_background
 from everseg.learn.plugins import Batch
 from everseg.learn.strategies.base import Strategy
 
@@ -19,18 +20,29 @@ class Replay(Strategy):
     (:class:`~everseg.learn.memory.ReplayMemory`: reservoir or class-balanced), and the
     memory is saved beside each step's model so a later session can continue.
 
+    In class-incremental scenarios with a background class, a stored mask's background
+    means "none of the classes known when it was stored". Once later steps have taught
+    other classes that no longer holds for them (a stored image's pole is background in its
+    mask), so replaying it as background would teach the new classes away: those pixels
+    are ignored instead (``stale_background="ignore"``, the default; ``"keep"`` replays the
+    masks as stored).
+
     Args:
         fraction: replayed images per batch, relative to the batch size.
+        stale_background: ``ignore`` or ``keep`` (see above).
     """
 
     name = "replay"
     uses_memory = True
 
-    def __init__(self, fraction: float = 0.5, seed: int = 0):
+    def __init__(self, fraction: float = 0.5, seed: int = 0, stale_background: str = "ignore"):
         super().__init__()
         if fraction <= 0:
             raise ValueError("replay fraction must be positive")
+        if stale_background not in ("ignore", "keep"):
+            raise ValueError(f"replay stale_background must be 'ignore' or 'keep', got {stale_background!r}")
         self.fraction = fraction
+        self.stale_background = stale_background
         self.rng = random.Random(seed)
 
     def before_forward(self, trainer, batch: Batch) -> None:
@@ -42,8 +54,11 @@ class Replay(Strategy):
         items = [data[self.rng.randrange(len(data))] for _ in range(k)]
         size = batch.image.shape[-2:]
         images, masks = [], []
+        ignore = trainer.train_set.label_space.ignore_index
         for it in items:
             img, m = it["image"], it["mask"]
+            if self._background_is_stale(it["step"]):
+                m = torch.where(m == 0, torch.full_like(m, ignore), m)
             if tuple(img.shape[-2:]) != tuple(size):  # no crop in the config: match the batch's size
                 img = F.interpolate(img[None].float(), size=size, mode="bilinear",
                                     align_corners=False)[0].round().clamp(0, 255).to(torch.uint8)
@@ -58,3 +73,10 @@ class Replay(Strategy):
         batch.mask = torch.cat([batch.mask, replay.mask])
         batch.stems = batch.stems + replay.stems
         batch.extra["replayed"] = k
+
+    def _background_is_stale(self, stored_at: int) -> bool:
+        step = None if self.ctx is None else self.ctx.step
+        if self.stale_background == "keep" or step is None or stored_at >= self.ctx.step_index:
+            return False
+        # Only a step that adds classes makes older background stale (domain steps add none).
+        return bool(step.new_classes) and has_background(step.label_space)
