@@ -168,3 +168,13 @@ def test_weights_of_another_architecture(model, tmp_path: Path) -> None:
     (tmp_path / "b" / "model.safetensors").replace(tmp_path / "a" / "model.safetensors")
     with pytest.raises(ValueError, match="does not fit"):
         load_model(tmp_path / "a")
+
+
+def test_a_model_saved_again_replaces_the_memory_stored_with_it(model, tmp_path: Path) -> None:
+    """Rerunning a scenario into the same folder: the old model's replay memory goes with it."""
+    target = tmp_path / "model"
+    save_model(model, target)
+    (target / "memory").mkdir()
+    (target / "memory" / "memory.json").write_text("{}")
+    save_model(model, target)
+    assert sorted(p.name for p in target.iterdir()) == ["config.json", "model.safetensors"]

@@ -44,7 +44,7 @@ def save_model(model: Segmenter, directory: str | os.PathLike[str]) -> Path:
     Both files are written into a temporary folder beside ``directory`` which then
     replaces it, so readers see either the previous model or the new one, never a
     mix. An existing ``directory`` is replaced only if it holds nothing but a saved
-    model (no other files get deleted).
+    model and the replay memory stored with it (no other files get deleted).
     """
     from safetensors.torch import save_file
 
@@ -52,7 +52,8 @@ def save_model(model: Segmenter, directory: str | os.PathLike[str]) -> Path:
     if directory.exists():
         if not directory.is_dir():
             raise FileExistsError(f"cannot save a model to {directory}: it is a file")
-        others = sorted(p.name for p in directory.iterdir() if p.name not in (CONFIG_FILE, WEIGHTS_FILE))
+        # The replay memory saved beside a model belongs to it and is replaced with it.
+        others = sorted(p.name for p in directory.iterdir() if p.name not in (CONFIG_FILE, WEIGHTS_FILE, "memory"))
         if others:
             raise FileExistsError(
                 f"refusing to replace {directory}: it holds files other than a saved model "
