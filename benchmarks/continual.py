@@ -207,6 +207,7 @@ def run_stream(args) -> dict:
     from matplotlib.figure import Figure
 
     from everseg.evaluate import evaluate
+    from everseg.learn.memory import ReplayMemory
     from everseg.learn.online import OnlineLearner
     from everseg.learn.trainer import cpu_has_native_bf16
     from everseg.models import load_model
@@ -220,7 +221,6 @@ def run_stream(args) -> dict:
     bf16 = cpu_has_native_bf16()
     curves = {}
     runs = args.runs / "stream"
-    from everseg.learn.memory import ReplayMemory
 
     def base_memory() -> ReplayMemory:
         # What the 0016E5 model learned from: each update rehearses the day images too.

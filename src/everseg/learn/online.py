@@ -186,7 +186,7 @@ class OnlineLearner:
         data = SegmentationDataset.from_arrays([image], [mask], base.label_space, [stem], name="online")
         if self.holdout_every and self._seen % self.holdout_every == 0:
             before = self.holdout_miou
-            item = (data.decoded(0)[0], data.decoded(0)[1], stem)
+            item = (*data.decoded(0), stem)
             self._held_out.append(item)
             self._confusion = self._confusion + self._holdout_confusion(base, [item])
             return Observation(False, parent, before, self.holdout_miou, time.perf_counter() - start, held_out=True)

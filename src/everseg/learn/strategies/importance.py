@@ -20,10 +20,9 @@ on camvid-domains).
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from typing import Iterator
-
-import copy
 
 import torch
 import torch.nn.functional as F

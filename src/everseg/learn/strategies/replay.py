@@ -43,6 +43,7 @@ class Replay(Strategy):
             raise ValueError(f"replay stale_background must be 'ignore' or 'keep', got {stale_background!r}")
         self.fraction = fraction
         self.stale_background = stale_background
+        self._stale_before: int | None = None  # memory items stored before this step index: background ignored
         self.rng = random.Random(seed)
 
     def before_forward(self, trainer, batch: Batch) -> None:
@@ -58,7 +59,7 @@ class Replay(Strategy):
         for it in items:
             img, m = it["image"], it["mask"]
             if self._background_is_stale(it["step"]):
-                m = torch.where(m == 0, torch.full_like(m, ignore), m)
+                m = m.masked_fill(m == 0, ignore)
             if tuple(img.shape[-2:]) != tuple(size):  # no crop in the config: match the batch's size
                 img = F.interpolate(img[None].float(), size=size, mode="bilinear",
                                     align_corners=False)[0].round().clamp(0, 255).to(torch.uint8)
@@ -74,9 +75,13 @@ class Replay(Strategy):
         batch.stems = batch.stems + replay.stems
         batch.extra["replayed"] = k
 
+    def begin_step(self, ctx) -> None:
+        super().begin_step(ctx)
+        step = ctx.step
+        # Only a step that adds classes makes older background stale (domain steps add none);
+        # decided once per step, not for every replayed image.
+        self._stale_before = (ctx.step_index if self.stale_background == "ignore" and step is not None
+                              and step.new_classes and has_background(step.label_space) else None)
+
     def _background_is_stale(self, stored_at: int) -> bool:
-        step = None if self.ctx is None else self.ctx.step
-        if self.stale_background == "keep" or step is None or stored_at >= self.ctx.step_index:
-            return False
-        # Only a step that adds classes makes older background stale (domain steps add none).
-        return bool(step.new_classes) and has_background(step.label_space)
+        return self._stale_before is not None and stored_at < self._stale_before
