@@ -42,6 +42,20 @@ def test_mib_unbiased_ce_merges_old_classes_into_background():
     assert ignored == 0.0
 
 
+def test_mib_unbiased_ce_keeps_the_recipes_class_weights():
+    # Two pixels: background (weight 1) and new class 2 (weight 4); the mean is weighted like F.cross_entropy's.
+    logits = torch.tensor([[1.0, 2.0, 0.5], [0.0, 0.0, 3.0]]).T.reshape(1, 3, 1, 2)
+    target = torch.tensor([[[0, 2]]])
+    ce = UnbiasedCrossEntropy(old_classes=2, class_weights=torch.tensor([1.0, 9.0, 4.0]))
+    nll_bg = -math.log((math.exp(1) + math.exp(2)) / (math.exp(1) + math.exp(2) + math.exp(0.5)))
+    nll_new = -math.log(math.exp(3) / (2 + math.exp(3)))
+    assert ce(logits, target).item() == pytest.approx((nll_bg + 4 * nll_new) / 5, rel=1e-6)
+    # Without old classes in play it is exactly the weighted cross-entropy.
+    plain = UnbiasedCrossEntropy(old_classes=1, class_weights=torch.tensor([1.0, 9.0, 4.0]))
+    expected = torch.nn.functional.cross_entropy(logits, target, weight=torch.tensor([1.0, 9.0, 4.0]))
+    assert plain(logits, target).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
 def test_mib_unbiased_distillation_merges_new_classes_into_background():
     old = px(0.0, math.log(3))  # q = (1/4, 3/4)
     new = px(0.0, 1.0, 2.0)

@@ -20,13 +20,16 @@ class UnbiasedCrossEntropy(nn.Module):
     """CE where label 0 means "background or an old class": ``-log sum_{c in {0} + old} p_c``.
 
     Pixels of new classes use their own probability as usual; ``old_classes`` counts the
-    classes (background included) the previous model knew.
+    classes (background included) the previous model knew. ``class_weights`` weight each
+    pixel by its label and average like ``F.cross_entropy`` does (sum of weighted losses /
+    sum of weights): the step's recipe weights rare new classes up, and MiB must not undo it.
     """
 
-    def __init__(self, old_classes: int, ignore_index: int = 255):
+    def __init__(self, old_classes: int, ignore_index: int = 255, class_weights: torch.Tensor | None = None):
         super().__init__()
         self.old_classes = old_classes
         self.ignore_index = ignore_index
+        self.register_buffer("class_weights", class_weights, persistent=False)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         logits = logits.float()
@@ -37,7 +40,10 @@ class UnbiasedCrossEntropy(nn.Module):
         safe = torch.where(valid, target, 0)
         picked = log_p.gather(1, safe.unsqueeze(1)).squeeze(1)
         per_pixel = torch.where(safe == 0, log_bg, picked)
-        return -(per_pixel * valid).sum() / valid.sum().clamp_min(1)
+        weight = valid.float()
+        if self.class_weights is not None:
+            weight = weight * self.class_weights.to(logits.device)[safe]
+        return -(per_pixel * weight).sum() / weight.sum().clamp_min(1e-12)
 
 
 def unbiased_distillation(new_logits: torch.Tensor, old_logits: torch.Tensor) -> torch.Tensor:
@@ -71,7 +77,8 @@ class MiB(Strategy):
     def on_fit_start(self, trainer) -> None:
         if self.old_model is not None:
             trainer.criterion = UnbiasedCrossEntropy(self.ctx.old_num_classes,
-                                                     trainer.train_set.label_space.ignore_index)
+                                                     trainer.train_set.label_space.ignore_index,
+                                                     getattr(trainer.criterion, "class_weights", None))
 
     def loss_terms(self, trainer, batch: Batch, output: StepOutput) -> dict[str, torch.Tensor]:
         if self.old_model is None:
