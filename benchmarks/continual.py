@@ -18,7 +18,9 @@ the same classes.
 
 Runs go to benchmarks/runs/continual/<protocol>/<strategy>/ and are reused when complete,
 so two processes can share the work (``--strategies`` disjoint, one thread each) and
-``--table`` merges them into results/continual-<protocol>.json and README.md.
+``--table`` merges them into results/continual-<protocol>.json and README.md. ``--tag T``
+keeps a run at another budget apart: runs/continual-T/, results/continual-<protocol>-T.json
+and a README section of its own.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import functools
 import json
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -157,13 +160,21 @@ def collect(protocol: str, args) -> dict:
             out["strategies"][name] = summarise(report, joint)
             info = run_info(joint_dir if name == "joint" else args.runs / protocol / name)
             out["strategies"][name]["made_at"] = {k: info.get(k) for k in ("commit", "date", "threads")}
-    write_json(f"continual-{protocol}", out)
+    name = f"continual-{protocol}" + (f"-{args.tag}" if args.tag else "")
+    previous = BENCH_DIR / "results" / f"{name}.json"
+    if args.command is None and previous.is_file():  # --table: keep the command that made the runs
+        args.command = json.loads(previous.read_text()).get("command")
+    out["tag"], out["command"] = args.tag, args.command
+    if out["strategies"]:
+        write_json(name, out)
     return out
 
 
-def table(all_results: list[dict]) -> str:
+def table(all_results: list[dict], tag: str | None = None) -> str:
     fmt = lambda v: "–" if v is None else f"{v:.1f}"  # noqa: E731
-    out = ["## Incremental learning on CamVid (`python benchmarks/continual.py`)", "",
+    title = "## Incremental learning on CamVid" + (f" [{tag}]" if tag else "")
+    command = next((r.get("command") for r in all_results if r.get("command")), None) if tag else None
+    out = [f"{title} (`{command or 'python benchmarks/continual.py'}`)", "",
            "After the last step, on the 233 test images at 360x480 (the synthetic background class is left out "
            "of every mean). `ratio` = all-classes mIoU / joint's; `step time` = the longest incremental step's "
            "wall time / one joint retraining's; BWT = backward transfer (negative = forgetting). On camvid-domains "
@@ -306,9 +317,12 @@ def main() -> None:
     parser.add_argument("--stream", action="store_true", help="run the OnlineLearner stream experiment instead")
     parser.add_argument("--stream-every", type=int, default=10, help="evaluate every N streamed images")
     parser.add_argument("--set", action="append", default=[], help="config override section.field=value")
-    parser.add_argument("--runs", type=Path, default=BENCH_DIR / "runs" / "continual", help="where runs go")
+    parser.add_argument("--tag", default=None, help="a name for runs at another budget: kept apart from the main table")
+    parser.add_argument("--runs", type=Path, default=None, help="where runs go (default runs/continual[-TAG])")
     args = parser.parse_args()
-    args.runs = args.runs.resolve()
+    args.runs = (args.runs or BENCH_DIR / "runs" / ("continual" + (f"-{args.tag}" if args.tag else ""))).resolve()
+    # Recorded with the results so the table says how to reproduce them (not for --table reruns).
+    args.command = None if args.table else "python benchmarks/continual.py " + " ".join(sys.argv[1:])
     import torch
 
     from everseg.learn import parse_override
@@ -332,7 +346,8 @@ def main() -> None:
     if args.table and stream.is_file():
         update_readme_section("stream", stream_table(json.loads(stream.read_text())))
     results = {p: collect(p, args) for p in PROTOCOLS}
-    update_readme_section("continual", table([r for r in results.values() if r["strategies"]]))
+    update_readme_section("continual" + (f"-{args.tag}" if args.tag else ""),
+                          table([r for r in results.values() if r["strategies"]], args.tag))
     print(json.dumps({p: {k: v["all_miou"] for k, v in results[p]["strategies"].items()} for p in protocols},
                      indent=2))
 
