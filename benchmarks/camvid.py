@@ -3,6 +3,7 @@
     python benchmarks/camvid.py                       # the ImageNet-pretrained recipe
     python benchmarks/camvid.py --variant random      # same recipe, random initialisation
     python benchmarks/camvid.py --variant frozen      # same recipe, frozen backbone
+    python benchmarks/camvid.py --tta-only            # score a finished run again with test-time augmentation
 
 Each variant writes results/camvid-<variant>.json; the table in README.md is rebuilt from
 every variant's JSON found there. Training runs go to benchmarks/runs/ (not committed).
@@ -29,12 +30,25 @@ VARIANTS = {
 }
 PUBLISHED = [("SegNet", 46.4), ("FCN-8", 57.0), ("DeepLab-LargeFOV", 61.6), ("Bayesian SegNet", 63.1),
              ("Dilation8", 65.3), ("FC-DenseNet103", 66.9)]
+TTA = {"flip": {"flip": True}, "flip+ms": {"flip": True, "scales": (0.75, 1.0, 1.25)}}
 CLASSES = ("Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence", "Car",
            "Pedestrian", "Bicyclist")
 
 
 def result_name(variant: str, tag: str | None) -> str:
     return f"camvid-{variant}-{tag}" if tag else f"camvid-{variant}"
+
+
+def tta_scores(model, test) -> dict:
+    """Test mIoU with each test-time augmentation of TTA (softmax averaged over the views)."""
+    out = {}
+    for name, options in TTA.items():
+        ev = evaluate(model, test, autocast_bf16=cpu_has_native_bf16(), channels_last=True, progress=False, **options)
+        metrics = ev.metrics.to_dict(model.label_space)
+        out[name] = {"miou": metrics["miou"], "per_class_iou": metrics["per_class_iou"],
+                     "images_per_second": ev.images_per_second, **{k: list(v) if isinstance(v, tuple) else v
+                                                                   for k, v in options.items()}}
+    return out
 
 
 def run_variant(variant: str, config: Path, data: Path, overrides: dict, resume: bool = False,
@@ -56,7 +70,7 @@ def run_variant(variant: str, config: Path, data: Path, overrides: dict, resume:
         "train_images_seen": fit.images_seen, "test_images": ev.num_images,
         "test_resolution": "360x480", "miou": metrics["miou"], "pixel_accuracy": metrics["pixel_accuracy"],
         "mean_class_accuracy": metrics["mean_class_accuracy"], "per_class_iou": metrics["per_class_iou"],
-        "inference_images_per_second": ev.images_per_second,
+        "inference_images_per_second": ev.images_per_second, "tta": tta_scores(model, test),
     }
 
 
@@ -67,8 +81,8 @@ def table() -> str:
     order = {v: i for i, v in enumerate(VARIANTS)}
     # Rows at the same budget sit together: the headline (untagged) runs first, then each tag.
     rows.sort(key=lambda r: (r.get("tag") or "", order.get(r["variant"], 99)))
-    head = "| model | mIoU | pixel acc. | train min (budget) | epochs | threads | commit | " + " | ".join(CLASSES) + " |\n"
-    head += "|---|---:|---:|---:|---:|---:|---|" + "---:|" * len(CLASSES) + "\n"
+    head = "| model | mIoU | TTA flip / +scales | pixel acc. | train min (budget) | epochs | threads | commit | " + " | ".join(CLASSES) + " |\n"
+    head += "|---|---:|---:|---:|---:|---:|---:|---|" + "---:|" * len(CLASSES) + "\n"
     lines = []
     for r in rows:
         c = r["config"]
@@ -77,10 +91,12 @@ def table() -> str:
         per = " | ".join(f"{r['per_class_iou'][k]:.1f}" for k in CLASSES)
         t = c["train"]
         threads = t.get("threads") or r["machine"].get("torch_threads")
-        lines.append(f"| **{name}** | **{r['miou']:.1f}** | {r['pixel_accuracy']:.1f} | {r['train_minutes']:.0f} "
+        tta = r.get("tta") or {}
+        tta_s = " / ".join(f"{tta[k]['miou']:.1f}" if k in tta else "–" for k in TTA)
+        lines.append(f"| **{name}** | **{r['miou']:.1f}** | {tta_s} | {r['pixel_accuracy']:.1f} | {r['train_minutes']:.0f} "
                      f"({t.get('max_minutes') or '-'}) | {r['epochs']} | {threads} | {r['machine']['commit']} | {per} |")
     for name, miou in PUBLISHED:
-        lines.append(f"| {name} (published) | {miou} | | | | | |" + " |" * len(CLASSES))
+        lines.append(f"| {name} (published) | {miou} | | | | | | |" + " |" * len(CLASSES))
     machine = rows[0]["machine"] if rows else machine_info()
     data_note = ""
     if rows:
@@ -88,8 +104,9 @@ def table() -> str:
         data_note = (f"Trained on the `{c['train_split']}` split "
                      f"({'train 367 + val 101 images, no model selection: the last epoch is kept' if c['train_split'] == 'trainval' else 'train 367 images'}); ")
     return (f"## CamVid-11 (`python benchmarks/camvid.py [--variant pretrained|random|frozen]`)\n\n"
-            f"{data_note}evaluated on the 233 test images at 360x480, whole-image inference, no test-time "
-            f"augmentation. {machine['date']}, {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}."
+            f"{data_note}evaluated on the 233 test images at 360x480, whole-image inference; `mIoU` without "
+            f"test-time augmentation, `TTA` with the horizontal flip and with flip and scales 0.75, 1, 1.25 "
+            f"(softmax averaged; `--tta-only` adds them to a finished run). {machine['date']}, {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}."
             f"\n\n" + head + "\n".join(lines) + "\n")
 
 
@@ -102,8 +119,23 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run of this variant")
     parser.add_argument("--tag", help="keep this run apart from the variant's headline run, e.g. a smaller "
                                       "budget: results/camvid-<variant>-<tag>.json")
+    parser.add_argument("--tta-only", action="store_true",
+                        help="no training: score the variant's finished run with test-time augmentation")
     args = parser.parse_args()
     from everseg.learn import parse_override
+
+    if args.tta_only:
+        name = result_name(args.variant, args.tag)
+        path = BENCH_DIR / "results" / f"{name}.json"
+        model_dir = BENCH_DIR / "runs" / name / "model"
+        if not path.is_file() or not model_dir.is_dir():
+            raise SystemExit(f"{path} or {model_dir} is missing: train the variant first")
+        result = json.loads(path.read_text())
+        result["tta"] = tta_scores(load_model(model_dir), load_camvid(args.data, "test"))
+        write_json(name, result)
+        update_readme_section("camvid", table())
+        print(json.dumps({k: v["miou"] for k, v in result["tta"].items()}, indent=2))
+        return
 
     overrides = dict(parse_override(s) for s in args.set)
     result = run_variant(args.variant, args.config, args.data, overrides, resume=args.resume, tag=args.tag)
