@@ -42,7 +42,7 @@ from everseg.data.protocols import get_protocol
 from everseg.data.scenarios import build_scenario
 from everseg.evaluate.continual import ContinualReport
 from everseg.learn import load_config
-from everseg.learn.continual import run_scenario
+from everseg.learn.continual import run_scenario, untrained_domain_miou
 
 STRATEGIES = ["finetune", "ewc", "mas", "weighting", "replay", "lwf", "ilt", "mib", "plop", "mer+replay",
               "plop+replay", "mib+replay"]
@@ -149,8 +149,16 @@ def collect(protocol: str, args) -> dict:
            "domain_base_minutes": args.domain_base_minutes, "step_share": args.step_share,
            "memory_size": args.memory, "threads": args.threads, "joint_from": os.path.relpath(joint_dir, BENCH_DIR),
            "config": _config(args, args.base_minutes).model_dump(mode="json"), "strategies": {}}
-    base = _complete(args.runs / "bases" / ("domains" if scenario.spec.kind == "domain" else "class"),
-                     _scenario(protocol, args, slice(0, 1)))
+    base_dir = args.runs / "bases" / ("domains" if scenario.spec.kind == "domain" else "class")
+    base = _complete(base_dir, _scenario(protocol, args, slice(0, 1)))
+    if base is not None and scenario.spec.kind == "domain" and not base.initial_domain_miou:
+        # A base trained before its report carried the untrained model's scores: measure them
+        # once (the same seeded model step 0 started from) so forward transfer can be shown.
+        from everseg.learn.trainer import cpu_has_native_bf16
+
+        base.initial_domain_miou = untrained_domain_miou(scenario, _config(args, args.domain_base_minutes),
+                                                         cpu_has_native_bf16())
+        base.save(base_dir)
     for name in ["joint"] + STRATEGIES:
         report = joint if name == "joint" else _complete(args.runs / protocol / name, scenario)
         if report is not None:

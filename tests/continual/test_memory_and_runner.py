@@ -216,3 +216,20 @@ def test_replay_ignores_background_of_images_stored_before_new_classes(tiny_scen
     replay.begin_step(ContinualContext(step=dataclasses.replace(step, new_classes=()), step_index=1, old_model=None,
                                        old_num_classes=0, memory=memory))
     assert not replay._background_is_stale(0)
+
+
+def test_domain_run_records_the_untrained_models_scores_for_forward_transfer(tiny_camvid, tmp_path):
+    from everseg.data.scenarios import ScenarioSpec, StepSpec
+    from everseg.learn.continual import untrained_domain_miou
+
+    train = open_dataset(tiny_camvid, dataset="folder", split="train")
+    test = open_dataset(tiny_camvid, dataset="folder", split="test")
+    stems = [s.stem for s in train.samples]
+    spec = ScenarioSpec("two-sources", "domain", (StepSpec(images=tuple(stems[:4])), StepSpec(images=tuple(stems[4:]))))
+    scenario = build_scenario(spec, train, test)
+    report = run_scenario(scenario, "finetune", tiny_cfg(), tmp_path / "run", progress=False)
+    # The reference is the seeded model step 0 starts from: measured again later (a benchmark
+    # whose shared base predates the field does so), it is the same number.
+    again = untrained_domain_miou(scenario, tiny_cfg())
+    assert report.initial_domain_miou == again and set(again) == {"all"}
+    assert report.steps[0].seconds > 0

@@ -69,6 +69,14 @@ def evaluate_step(model: nn.Module, step: Step, bf16: bool) -> tuple[dict[str, f
     return class_iou, domain_miou
 
 
+def untrained_domain_miou(scenario: Scenario, cfg: RunConfig, bf16: bool = False) -> dict[str, float | None]:
+    """Test mIoU per domain of the model step 0 starts from, before any training: the
+    reference of forward transfer. Seeded like step 0, so its random head is step 0's."""
+    step = scenario.steps[0]
+    torch.manual_seed(cfg.train.seed)
+    return evaluate_step(_new_model(cfg, step), step, bf16)[1]
+
+
 def run_scenario(scenario: Scenario, strategy: str | Sequence[Strategy], cfg: RunConfig, out_dir: str | Path, *,
                  step_epochs: int | None = None, step_minutes: float | None = None,
                  base_model: str | Path | None = None, params: Mapping[str, Any] | None = None,
@@ -125,8 +133,7 @@ def run_scenario(scenario: Scenario, strategy: str | Sequence[Strategy], cfg: Ru
                                                                                 "max_minutes": minutes})})
         old_model = None if model is None else _frozen_copy(model)
         if t == 0 and sc_kind == "domain" and base_model is None:
-            # The untrained model's score is the reference of forward transfer.
-            report.initial_domain_miou = evaluate_step(_new_model(cfg, step), step, bf16)[1]
+            report.initial_domain_miou = untrained_domain_miou(scenario, cfg, bf16)
         if t == 0 and base_model is not None:
             model = load_model(base_model)
             if model.label_space.names != step.label_space.names:
