@@ -233,3 +233,41 @@ def test_domain_run_records_the_untrained_models_scores_for_forward_transfer(tin
     again = untrained_domain_miou(scenario, tiny_cfg())
     assert report.initial_domain_miou == again and set(again) == {"all"}
     assert report.steps[0].seconds > 0
+
+
+def test_replay_class_weights_count_the_memory_as_often_as_it_is_replayed(tiny_scenario, tmp_path):
+    """Old classes appear only in replayed images: weighting must see them, or their weight stays 1."""
+    from everseg.learn import Trainer, compute_class_weights
+    from everseg.learn.memory import ReplayMemory
+    from everseg.learn.strategies.base import ContinualContext
+    from everseg.learn.strategies.mib import MiB
+    from everseg.learn.strategies.replay import Replay
+    from everseg.models import create_model
+
+    base, step = tiny_scenario.steps
+    memory = ReplayMemory(2, policy="reservoir")
+    memory.update(base.train, step=0)
+    model = create_model(arch="lraspp", backbone="mobilenet_v2", label_space=step.label_space, pretrained=False)
+    cfg = tiny_cfg(**{"loss.class_weights": "median_frequency", "loss.max_class_weight": 1000.0})
+    train = step.train.with_transform(None)
+    replay, mib = Replay(fraction=0.5), MiB()
+    ctx = ContinualContext(step=step, step_index=1, old_model=model, old_num_classes=base.label_space.num_classes,
+                           memory=memory)
+    for s in (replay, mib):
+        s.begin_step(ctx)
+    trainer = Trainer(model, train, None, cfg, tmp_path, progress=False, write_run=False, plugins=[replay, mib])
+    step_only = trainer.criterion.class_weights.clone()
+    for s in (replay, mib):
+        s.on_fit_start(trainer)
+    n = step.label_space.num_classes
+    stored = np.stack([np.bincount(it.mask[(it.mask != 255) & (it.mask != 0)], minlength=n)[:n]
+                       for it in memory.items])  # stored before step 1: their background is stale
+    counts = train.class_pixel_counts(per_image=True)
+    expected = compute_class_weights(np.concatenate([counts, stored * 0.5 * len(counts) / 2]), "median_frequency",
+                                     1000.0)
+    torch.testing.assert_close(trainer.criterion.class_weights, expected)
+    old = [i for i in range(1, base.label_space.num_classes) if stored[:, i].sum() > 0]
+    assert old and all(step_only[i] == 1.0 for i in old)  # unseen in the step's own images
+    assert not torch.allclose(trainer.criterion.class_weights[old], step_only[old])
+    # MiB's criterion, set up after replay's, carries the weights on.
+    assert type(trainer.criterion).__name__ == "UnbiasedCrossEntropy"

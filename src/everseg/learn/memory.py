@@ -60,6 +60,18 @@ class ReplayMemory:
     def __len__(self) -> int:
         return len(self.items)
 
+    def pixel_counts(self, num_classes: int, ignore_index: int = 255,
+                     background_stale_before: int | None = None) -> np.ndarray:
+        """Class pixel counts per stored image (items x classes), as replay trains on them:
+        background of items stored before step ``background_stale_before`` is not counted."""
+        rows = []
+        for item in self.items:
+            m = item.mask[item.mask != ignore_index]
+            if background_stale_before is not None and item.step < background_stale_before:
+                m = m[m != 0]
+            rows.append(np.bincount(m.ravel(), minlength=num_classes)[:num_classes])
+        return np.stack(rows) if rows else np.zeros((0, num_classes), np.int64)
+
     def update(self, dataset: SegmentationDataset, step: int) -> None:
         """Offer every image of ``dataset`` (a step's training view) to the memory."""
         if self.budget == 0:

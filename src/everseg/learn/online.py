@@ -167,8 +167,8 @@ class OnlineLearner:
         if self.class_weights == "none":
             return self.config
         n, ignore = self._model.num_classes, self._model.label_space.ignore_index
-        counts = np.stack([np.bincount(m[m != ignore].ravel(), minlength=n)[:n]
-                           for m in [mask, *(item.mask for item in self.memory.items)]])
+        counts = np.concatenate([np.bincount(mask[mask != ignore].ravel(), minlength=n)[None, :n],
+                                 self.memory.pixel_counts(n, ignore)])
         weights = compute_class_weights(counts, self.class_weights, self.config.loss.max_class_weight)
         loss = self.config.loss.model_copy(update={"class_weights": weights.tolist()})
         return self.config.model_copy(update={"loss": loss})

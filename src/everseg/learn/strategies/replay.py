@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from everseg.data.scenarios import has_background
+from everseg.learn.losses import compute_class_weights
 from everseg.learn.plugins import Batch
 from everseg.learn.strategies.base import Strategy
 
@@ -27,6 +29,13 @@ class Replay(Strategy):
     are ignored instead (``stale_background="ignore"``, the default; ``"keep"`` replays the
     masks as stored).
 
+    When the recipe computes class weights from the data (``loss.class_weights`` such as
+    ``median_frequency``), they are computed from what the step trains on: its own images
+    plus the memory, each stored image counted as often as it is replayed. From the step's
+    images alone, replayed old classes (never seen there) get weight 1 while the step's
+    background, covering every old class, gets a small one: replayed Sky and Road outweigh
+    the new classes, and the new classes are not learned.
+
     Args:
         fraction: replayed images per batch, relative to the batch size.
         stale_background: ``ignore`` or ``keep`` (see above).
@@ -45,6 +54,21 @@ class Replay(Strategy):
         self.stale_background = stale_background
         self._stale_before: int | None = None  # memory items stored before this step index: background ignored
         self.rng = random.Random(seed)
+
+    def on_fit_start(self, trainer) -> None:
+        memory = None if self.ctx is None else self.ctx.memory
+        method = trainer.config.loss.class_weights
+        if memory is None or len(memory) == 0 or not isinstance(method, str) or method == "none":
+            return
+        if getattr(trainer.criterion, "class_weights", None) is None:
+            return
+        ls = trainer.train_set.label_space
+        step_counts = trainer.train_set.class_pixel_counts(per_image=True)
+        replays = self.fraction * len(step_counts) / len(memory)  # times each stored image is replayed per pass
+        stored = memory.pixel_counts(ls.num_classes, ls.ignore_index, self._stale_before) * replays
+        weights = compute_class_weights(np.concatenate([step_counts, stored]), method,
+                                        trainer.config.loss.max_class_weight)
+        trainer.criterion.class_weights = weights.to(trainer.criterion.class_weights.device)
 
     def before_forward(self, trainer, batch: Batch) -> None:
         memory = None if self.ctx is None else self.ctx.memory
