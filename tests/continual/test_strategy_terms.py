@@ -191,7 +191,33 @@ def test_plop_thresholds_come_from_a_bounded_even_sample_of_the_step(tiny_camvid
             return torch.zeros(1, 3, *x.shape[-2:])  # uniform: entropy 1 everywhere
 
     plop = PLOP(threshold_images=3)
-    plop.begin_step(ContinualContext(step=None, step_index=1, old_model=Old(), old_num_classes=3))
+    step = SimpleNamespace(new_classes=("b",), label_space=SimpleNamespace(names=("background", "a", "b")))
+    plop.begin_step(ContinualContext(step=step, step_index=1, old_model=Old(), old_num_classes=3))
     plop.on_fit_start(SimpleNamespace(train_set=data, use_bf16=False))
     assert len(seen) == 3  # images 0, 4 (rounded 3.5) and 7, not all 8
     assert plop.thresholds.tolist() == pytest.approx([1.0, 0.0, 0.0])  # argmax is class 0 everywhere
+
+
+@pytest.mark.parametrize("names, new", [(("Sky", "Road"), ()), (("background", "Road"), ())])
+def test_mib_and_plop_leave_label_0_alone_without_a_background_shift(names, new):
+    """A domain step teaches no class: its label 0 (a domain scenario's Sky, or a real
+    background) hides no old class, so neither the unbiased CE nor pseudo-labels apply."""
+    from types import SimpleNamespace
+
+    from everseg.learn.strategies import PLOP, MiB
+    from everseg.learn.strategies.base import ContinualContext
+
+    step = SimpleNamespace(new_classes=new, label_space=SimpleNamespace(names=names))
+    ctx = ContinualContext(step=step, step_index=1, old_model=nn.Identity(), old_num_classes=2)
+    assert not ctx.background_shift
+    plain = nn.CrossEntropyLoss()
+    trainer = SimpleNamespace(criterion=plain, train_set=SimpleNamespace(label_space=SimpleNamespace(ignore_index=255)))
+    mib, plop = MiB(), PLOP()
+    for s in (mib, plop):
+        s.begin_step(ctx)
+        s.on_fit_start(trainer)
+    assert trainer.criterion is plain and plop.thresholds is None
+    shifted = ContinualContext(step=SimpleNamespace(new_classes=("Pole",),
+                                                    label_space=SimpleNamespace(names=("background", "Road", "Pole"))),
+                               step_index=1, old_model=nn.Identity(), old_num_classes=2)
+    assert shifted.background_shift

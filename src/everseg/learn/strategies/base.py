@@ -35,6 +35,16 @@ class ContinualContext:
     memory: "ReplayMemory | None" = None  # shared replay memory, when a strategy uses one
     extra: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def background_shift(self) -> bool:
+        """Whether label 0 of this step's data also covers classes it does not label: a step
+        that teaches new classes in a label space with a background class. Domain steps and
+        label spaces without background (a domain scenario's class 0 is e.g. Sky) have none."""
+        from everseg.data.scenarios import has_background
+
+        step = self.step
+        return step is not None and bool(step.new_classes) and has_background(step.label_space)
+
 
 class Strategy(Plugin):
     """A plugin with two more hooks, around each incremental step."""

@@ -75,7 +75,9 @@ class MiB(Strategy):
         self.distill_weight = distill_weight
 
     def on_fit_start(self, trainer) -> None:
-        if self.old_model is not None:
+        # Without a background shift label 0 is a class like any other (a domain step's Sky):
+        # merging the old classes into it would make its pixels cost nothing.
+        if self.old_model is not None and self.ctx.background_shift:
             trainer.criterion = UnbiasedCrossEntropy(self.ctx.old_num_classes,
                                                      trainer.train_set.label_space.ignore_index,
                                                      getattr(trainer.criterion, "class_weights", None))

@@ -95,8 +95,9 @@ class PLOP(Strategy):
 
     @torch.no_grad()
     def on_fit_start(self, trainer) -> None:
-        if self.old_model is None:
-            return
+        self.thresholds = None
+        if self.old_model is None or not self.ctx.background_shift:
+            return  # pseudo-labels fill in background; without a background shift label 0 is a real class
         # One pass over the step's images (no augmentation) to find each class's median entropy.
         entropies: list[list[np.ndarray]] = [[] for _ in range(self.ctx.old_num_classes)]
         data = trainer.train_set.with_transform(None)

@@ -8,7 +8,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from everseg.data.scenarios import has_background
 from everseg.learn.losses import compute_class_weights
 from everseg.learn.plugins import Batch
 from everseg.learn.strategies.base import Strategy
@@ -101,11 +100,9 @@ class Replay(Strategy):
 
     def begin_step(self, ctx) -> None:
         super().begin_step(ctx)
-        step = ctx.step
         # Only a step that adds classes makes older background stale (domain steps add none);
         # decided once per step, not for every replayed image.
-        self._stale_before = (ctx.step_index if self.stale_background == "ignore" and step is not None
-                              and step.new_classes and has_background(step.label_space) else None)
+        self._stale_before = ctx.step_index if self.stale_background == "ignore" and ctx.background_shift else None
 
     def _background_is_stale(self, stored_at: int) -> bool:
         return self._stale_before is not None and stored_at < self._stale_before
