@@ -173,7 +173,7 @@ def collect(protocol: str, args) -> dict:
     if args.command is None and previous.is_file():  # --table: keep the command that made the runs
         args.command = json.loads(previous.read_text()).get("command")
     out["tag"], out["command"] = args.tag, args.command
-    if out["strategies"]:
+    if set(out["strategies"]) - {"joint"}:  # joint alone is only another protocol's reference
         write_json(name, out)
     return out
 
@@ -355,7 +355,7 @@ def main() -> None:
         update_readme_section("stream", stream_table(json.loads(stream.read_text())))
     results = {p: collect(p, args) for p in PROTOCOLS}
     update_readme_section("continual" + (f"-{args.tag}" if args.tag else ""),
-                          table([r for r in results.values() if r["strategies"]], args.tag))
+                          table([r for r in results.values() if set(r["strategies"]) - {"joint"}], args.tag))
     print(json.dumps({p: {k: v["all_miou"] for k, v in results[p]["strategies"].items()} for p in protocols},
                      indent=2))
 
