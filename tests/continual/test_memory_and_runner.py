@@ -250,13 +250,18 @@ def test_replay_class_weights_count_the_memory_as_often_as_it_is_replayed(tiny_s
     model = create_model(arch="lraspp", backbone="mobilenet_v2", label_space=step.label_space, pretrained=False)
     cfg = tiny_cfg(**{"loss.class_weights": "median_frequency", "loss.max_class_weight": 1000.0})
     train = step.train.with_transform(None)
-    replay, mib = Replay(fraction=0.5), MiB()
+    default = Replay(fraction=0.5)
+    default.begin_step(ContinualContext(step=step, step_index=1, old_model=model,
+                                        old_num_classes=base.label_space.num_classes, memory=memory))
+    replay, mib = Replay(fraction=0.5, memory_in_weights=True), MiB()
     ctx = ContinualContext(step=step, step_index=1, old_model=model, old_num_classes=base.label_space.num_classes,
                            memory=memory)
     for s in (replay, mib):
         s.begin_step(ctx)
     trainer = Trainer(model, train, None, cfg, tmp_path, progress=False, write_run=False, plugins=[replay, mib])
     step_only = trainer.criterion.class_weights.clone()
+    default.on_fit_start(trainer)
+    torch.testing.assert_close(trainer.criterion.class_weights, step_only)  # off by default
     for s in (replay, mib):
         s.on_fit_start(trainer)
     n = step.label_space.num_classes
