@@ -46,8 +46,7 @@ def tta_scores(model, test) -> dict:
         ev = evaluate(model, test, autocast_bf16=cpu_has_native_bf16(), channels_last=True, progress=False, **options)
         metrics = ev.metrics.to_dict(model.label_space)
         out[name] = {"miou": metrics["miou"], "per_class_iou": metrics["per_class_iou"],
-                     "images_per_second": ev.images_per_second, **{k: list(v) if isinstance(v, tuple) else v
-                                                                   for k, v in options.items()}}
+                     "images_per_second": ev.images_per_second, **options}
     return out
 
 

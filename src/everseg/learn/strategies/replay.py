@@ -63,9 +63,9 @@ class Replay(Strategy):
     def on_fit_start(self, trainer) -> None:
         memory = None if self.ctx is None else self.ctx.memory
         method = trainer.config.loss.class_weights
-        if not self.memory_in_weights or memory is None or len(memory) == 0 or not isinstance(method, str) or method == "none":
-            return
-        if getattr(trainer.criterion, "class_weights", None) is None:
+        # Only weights the recipe computes from data can be recomputed; "none" leaves the criterion unweighted.
+        if (not self.memory_in_weights or not memory or not isinstance(method, str)
+                or getattr(trainer.criterion, "class_weights", None) is None):
             return
         ls = trainer.train_set.label_space
         step_counts = trainer.train_set.class_pixel_counts(per_image=True)
