@@ -97,7 +97,7 @@ def run_strategy(protocol: str, name: str, args) -> ContinualReport:
     minutes = args.domain_base_minutes if scenario.spec.kind == "domain" else args.base_minutes
     cfg = _config(args, minutes)
     # Which code and machine made this run: the table is collected later, often at another commit.
-    made = {**machine_info(), "threads": args.threads}
+    made = {**machine_info(), "threads": args.threads, "command": args.command}
     if name == "joint":
         report = run_scenario(scenario, "joint", cfg, run, base_model=base, progress=False)
     else:
@@ -169,20 +169,35 @@ def collect(protocol: str, args) -> dict:
             info = run_info(joint_dir if name == "joint" else args.runs / protocol / name)
             out["strategies"][name]["made_at"] = {k: info.get(k) for k in ("commit", "date", "threads")}
     name = f"continual-{protocol}" + (f"-{args.tag}" if args.tag else "")
-    previous = BENCH_DIR / "results" / f"{name}.json"
-    if args.command is None and previous.is_file():  # --table: keep the command that made the runs
-        args.command = json.loads(previous.read_text()).get("command")
-    out["tag"], out["command"] = args.tag, args.command
+    out["tag"], out["command"] = args.tag, reproduce_command(protocol, list(out["strategies"]), args)
     if set(out["strategies"]) - {"joint"}:  # joint alone is only another protocol's reference
         write_json(name, out)
     return out
 
 
+def reproduce_command(protocol: str, strategies: list[str], args) -> str:
+    """The one command that remakes every row of a protocol's table at its budget.
+
+    Derived from the budget rather than copied from argv: the runs of one table are often made
+    by several invocations (two processes, reruns), and any of them alone would mislead.
+    """
+    parts = ["OMP_NUM_THREADS=1 python benchmarks/continual.py --threads 1"]
+    if args.tag:
+        parts.append(f"--tag {args.tag}")
+    for flag, value, default in (("--base-minutes", args.base_minutes, 15.0),
+                                 ("--domain-base-minutes", args.domain_base_minutes, 10.0),
+                                 ("--step-share", args.step_share, 0.15), ("--memory", args.memory, 20)):
+        if value != default:
+            parts.append(f"{flag} {value:g}")
+    parts += [f"--set {k}={v}" for k, v in args.overrides.items()]
+    parts.append(f"--protocols {protocol} --strategies {','.join(strategies)}")
+    return " ".join(parts)
+
+
 def table(all_results: list[dict], tag: str | None = None) -> str:
     fmt = lambda v: "–" if v is None else f"{v:.1f}"  # noqa: E731
     title = "## Incremental learning on CamVid" + (f" [{tag}]" if tag else "")
-    command = next((r.get("command") for r in all_results if r.get("command")), None) if tag else None
-    out = [f"{title} (`{command or 'python benchmarks/continual.py'}`)", "",
+    out = [f"{title} (`python benchmarks/continual.py{f' --tag {tag}' if tag else ''}`)", "",
            "After the last step, on the 233 test images at 360x480 (the synthetic background class is left out "
            "of every mean). `ratio` = all-classes mIoU / joint's; `step time` = the longest incremental step's "
            "wall time / one joint retraining's; BWT = backward transfer (negative = forgetting). On camvid-domains "
@@ -195,7 +210,8 @@ def table(all_results: list[dict], tag: str | None = None) -> str:
                 f"Collected {m['date']} on {m['cpu']}; the commit that made each run is in the last column (– = "
                 f"not recorded: runs older than that record). 1 thread per run, two runs at a time; step 0 and "
                 f"each joint retraining {base:g} min, each incremental step {res['step_share'] * base:.2f} min; "
-                f"replay memory {res['memory_size']} images; joint from `{res['joint_from']}`.", ""]
+                f"replay memory {res['memory_size']} images; joint from `{res['joint_from']}`. Remade by "
+                f"`{res['command']}`.", ""]
         if domain:
             out += ["| strategy | day mIoU | dusk mIoU | mean | ratio | BWT | FWT | step time | commit |",
                     "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
@@ -329,8 +345,8 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, default=None, help="where runs go (default runs/continual[-TAG])")
     args = parser.parse_args()
     args.runs = (args.runs or BENCH_DIR / "runs" / ("continual" + (f"-{args.tag}" if args.tag else ""))).resolve()
-    # Recorded with the results so the table says how to reproduce them (not for --table reruns).
-    args.command = None if args.table else "python benchmarks/continual.py " + " ".join(sys.argv[1:])
+    # Recorded with each run it makes: which invocation (budget, overrides) produced it.
+    args.command = "python benchmarks/continual.py " + " ".join(sys.argv[1:])
     import torch
 
     from everseg.learn import parse_override
