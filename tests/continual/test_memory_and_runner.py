@@ -276,3 +276,28 @@ def test_replay_class_weights_count_the_memory_as_often_as_it_is_replayed(tiny_s
     assert not torch.allclose(trainer.criterion.class_weights[old], step_only[old])
     # MiB's criterion, set up after replay's, carries the weights on.
     assert type(trainer.criterion).__name__ == "UnbiasedCrossEntropy"
+
+
+def test_a_steps_budget_counts_the_strategys_set_up(tiny_scenario, tmp_path, monkeypatch):
+    import time
+
+    from everseg.learn.strategies.base import Strategy
+
+    clock = [0.0]
+
+    class SlowSetUp(Strategy):
+        name = "slow-set-up"
+
+        def begin_step(self, ctx):
+            super().begin_step(ctx)
+            clock[0] += 2.0  # e.g. an importance pass before training
+
+        def before_forward(self, trainer, batch):
+            clock[0] += 1.0  # each training step takes one (fake) second
+
+    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
+    # Step 0 trains 1 epoch (2 steps of 4 images) without a budget; step 1 gets 3.5 s.
+    report = run_scenario(tiny_scenario, [SlowSetUp()], tiny_cfg(**{"train.epochs": 5}), tmp_path / "run",
+                          progress=False, step_minutes=3.5 / 60)
+    # 2 s of set-up + 1 s step = 3 s; a second step would end at 4 s, past the step's 3.5 s.
+    assert report.steps[1].images_seen == 4 and report.steps[1].seconds == pytest.approx(3.0)

@@ -181,6 +181,25 @@ def test_grad_accumulation_adamw_cosine_and_time_budget(tiny_camvid, tmp_path):
     assert (tmp_path / "budget" / "model" / "config.json").is_file()
 
 
+def test_a_time_budget_stops_before_a_step_it_cannot_finish(tiny_camvid, tmp_path, monkeypatch):
+    import everseg.learn.trainer as trainer_module
+
+    clock = [0.0]
+
+    class OneSecondSteps(Plugin):
+        def before_forward(self, trainer, batch):
+            clock[0] += 1.0  # each step's work takes one (fake) second
+
+    monkeypatch.setattr(trainer_module.time, "perf_counter", lambda: clock[0])
+    cfg = tiny_config(tiny_camvid, **{"train.epochs": 50, "train.max_minutes": 3.5 / 60, "data.val_split": None,
+                                      "train.batch_size": 2})
+    trainer = make_trainer(cfg, tmp_path / "run", plugins=[OneSecondSteps()])
+    result = trainer.fit()
+    # Three steps end at 3 s; a fourth would end at 4 s, past the 3.5 s budget, so it is not started.
+    assert trainer.global_step == 3 and result.train_seconds == pytest.approx(3.0)
+    assert result.epochs_run == 1  # 4 steps an epoch: the first is cut, no second one begins
+
+
 def test_train_with_the_same_seed_gives_the_same_model(tiny_camvid, tmp_path):
     from everseg.learn import train
 

@@ -164,6 +164,8 @@ def run_scenario(scenario: Scenario, strategy: str | Sequence[Strategy], cfg: Ru
                 s.begin_step(ctx)
             trainer = Trainer(model, data.with_transform(augment), None, step_cfg, step_dir,
                               plugins=[*finetune_plugins(cfg), *active], progress=progress)
+            # The strategies' set-up is part of what the step costs: it counts against its budget.
+            trainer.train_seconds = time.perf_counter() - start
             fit = trainer.fit()
             for s in active:
                 s.end_step(ctx, trainer)

@@ -96,6 +96,9 @@ class Trainer:
         self.images_seen = 0
         self.train_seconds = 0.0  # epochs' wall time over all resumed sessions
         self._epoch_start: float | None = None
+        # Wall time of one optimizer step (smoothed): the budget stops the loop before a step it
+        # cannot finish, so a run ends inside its budget, not up to one step past it.
+        self._step_seconds = 0.0
         self.best_miou: float | None = None
         self.best_epoch: int | None = None
         self.stale_validations = 0
@@ -173,7 +176,7 @@ class Trainer:
         epochs_this_session = 0
         try:
             while self.epoch < tc.epochs and not self.stop_requested:
-                if tc.max_minutes is not None and self.epoch > 0 and self.budget_used() >= 1.0:
+                if tc.max_minutes is not None and self.epoch > 0 and self.budget_used(self._step_seconds) >= 1.0:
                     progress.message(f"time budget of {tc.max_minutes} min used after {self.epoch} epochs")
                     break
                 self.model.train()
@@ -181,6 +184,7 @@ class Trainer:
                     plugin.on_epoch_start(self)
                 progress.start_epoch(self.epoch)
                 epoch_start = self._epoch_start = time.perf_counter()
+                last_step_end = epoch_start
                 loss_sum = torch.zeros(())
                 term_sums: dict[str, torch.Tensor] = {}
                 n_batches = 0
@@ -210,9 +214,12 @@ class Trainer:
                         self.optimizer.zero_grad(set_to_none=True)
                         self.scheduler.step()
                         self.global_step += 1
+                        now = time.perf_counter()
+                        took, last_step_end = now - last_step_end, now
+                        self._step_seconds = took if not self._step_seconds else 0.8 * self._step_seconds + 0.2 * took
                         # A budget is a budget: an epoch longer than what is left is cut, not finished
                         # (its LR has already decayed to zero by time, so the rest would be wasted).
-                        out_of_time = tc.max_minutes is not None and self.budget_used() >= 1.0
+                        out_of_time = tc.max_minutes is not None and self.budget_used(self._step_seconds) >= 1.0
                     for plugin in self.plugins:
                         plugin.after_step(self, batch, output)
                     loss_sum += loss.detach().float()
@@ -296,13 +303,16 @@ class Trainer:
             f"training diverged in epoch {self.epoch + 1}, step {step}: the loss is not finite "
             f"(mean terms so far: {terms}); {kept}lower optim.lr or the weight of the term that blew up")
 
-    def budget_used(self) -> float:
-        """Share of ``train.max_minutes`` spent so far (0 without a budget); drives the LR decay."""
+    def budget_used(self, ahead: float = 0.0) -> float:
+        """Share of ``train.max_minutes`` spent so far (0 without a budget); drives the LR decay.
+
+        ``ahead``: seconds of work about to start, counted as if already spent (will it fit?).
+        """
         budget = self.config.train.max_minutes
         if not budget:
             return 0.0
         running = time.perf_counter() - self._epoch_start if self._epoch_start is not None else 0.0
-        return min(1.0, (self.train_seconds + running) / (budget * 60))
+        return min(1.0, (self.train_seconds + running + ahead) / (budget * 60))
 
     def current_lr(self) -> float:
         """LR of the head (the largest group LR)."""
