@@ -36,12 +36,13 @@ def test_scenario_run_then_learn(tiny_camvid, tmp_path):
     assert model.metadata["lineage"][-1] == str(run / "step0" / "model")
     assert (tmp_path / "learned" / "model" / "memory" / "memory.json").is_file()
 
-    # New data, same classes (domain): the final model keeps its classes.
+    # New data, same classes (domain), with the default strategy: the final model keeps its classes.
     r = runner.invoke(app, ["learn", "--model", str(run), "--data", str(tiny_camvid), "--dataset", "folder",
-                            "--strategy", "ewc", "--out", str(tmp_path / "dom"), "--config", str(cfg),
-                            "--epochs", "1", "--no-progress"])
+                            "--out", str(tmp_path / "dom"), "--config", str(cfg), "--epochs", "1", "--no-progress"])
     assert r.exit_code == 0, r.output
-    assert load_model(tmp_path / "dom" / "model").label_space.names == load_model(run / "model").label_space.names
+    dom = load_model(tmp_path / "dom" / "model")
+    assert dom.label_space.names == load_model(run / "model").label_space.names
+    assert dom.metadata["strategy"] == "mib+replay"  # not finetune, which forgets
 
 
 def test_learn_refuses_new_classes_without_background(tiny_camvid, tmp_path):
