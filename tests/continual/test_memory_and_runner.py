@@ -301,3 +301,33 @@ def test_a_steps_budget_counts_the_strategys_set_up(tiny_scenario, tmp_path, mon
                           progress=False, step_minutes=3.5 / 60)
     # 2 s of set-up + 1 s step = 3 s; a second step would end at 4 s, past the step's 3.5 s.
     assert report.steps[1].images_seen == 4 and report.steps[1].seconds == pytest.approx(3.0)
+
+
+def test_a_steps_wrap_up_is_reserved_from_the_next_steps_budget(tiny_camvid, tmp_path, monkeypatch):
+    import dataclasses
+    import time
+
+    from everseg.learn.strategies.base import Strategy
+
+    spec = get_protocol("camvid-6-1")
+    spec = dataclasses.replace(spec, steps=spec.steps[:3])  # base, Pole, SignSymbol
+    train = open_dataset(tiny_camvid, dataset="folder", split="train")
+    scenario = build_scenario(spec, train, open_dataset(tiny_camvid, dataset="folder", split="test"))
+    clock = [0.0]
+
+    class SlowWrapUp(Strategy):
+        name = "slow-wrap-up"
+
+        def before_forward(self, trainer, batch):
+            clock[0] += 1.0  # each training step takes one (fake) second
+
+        def end_step(self, ctx, trainer):
+            clock[0] += 1.5  # e.g. an importance pass after training
+
+    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
+    report = run_scenario(scenario, [SlowWrapUp()], tiny_cfg(**{"train.epochs": 5, "train.batch_size": 1}),
+                          tmp_path / "run", progress=False, step_minutes=4.0 / 60)
+    # Step 0 (no budget) measured the wrap-up; each later step reserves it: 2 steps + 1.5 s = 3.5 s.
+    # Without the reserve a third step would fit the training budget and the step would take 4.5 s.
+    assert [r.images_seen for r in report.steps[1:]] == [2, 2]
+    assert [r.seconds for r in report.steps[1:]] == [pytest.approx(3.5)] * 2

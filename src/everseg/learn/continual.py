@@ -87,10 +87,12 @@ def run_scenario(scenario: Scenario, strategy: str | Sequence[Strategy], cfg: Ru
     ``cfg`` gives the model, optimiser and augmentation; step 0 trains ``cfg.train.epochs``
     epochs, later steps ``step_epochs`` (default: the same) within ``step_minutes`` of wall
     time each (default: ``cfg.train.max_minutes``; the LR schedule decays within it, so a
-    short budget is a short schedule, not a truncated one). ``joint`` retrains every step
-    with step 0's epochs and budget. ``base_model`` is a model
-    folder that already learned step 0 (its classes must be step 0's): step 0 is then
-    evaluated, not trained, so strategies can share one base. ``params`` sets strategy
+    short budget is a short schedule, not a truncated one). The budget is the whole step's:
+    the strategies' set-up counts against it, and their wrap-up after training (importance
+    passes, memory update) is reserved from it as much as the previous step's took. ``joint``
+    retrains every step with step 0's epochs and budget. ``base_model`` is a model folder that
+    already learned step 0 (its classes must be step 0's): step 0 is then evaluated, not
+    trained, so strategies can share one base. ``params`` sets strategy
     hyper-parameters by name, e.g. ``{"plop.pod_weight": 0.02}``.
     """
     from everseg.models import load_model, save_model
@@ -123,12 +125,17 @@ def run_scenario(scenario: Scenario, strategy: str | Sequence[Strategy], cfg: Ru
                              for d, g in groups.items()}
     model: nn.Module | None = None
     parent_dir: str | None = None
+    # What the last step spent after training (strategies' end_step, memory update): reserved
+    # from the next step's training budget, so that a whole step stays within step_minutes.
+    wrap_up = 0.0
     for step in scenario.steps:
         t = step.index
         step_dir = out / f"step{t}"
         later = t > 0 and not joint
         epochs = step_epochs if later and step_epochs is not None else cfg.train.epochs
         minutes = step_minutes if later and step_minutes is not None else cfg.train.max_minutes
+        if later and step_minutes is not None:
+            minutes = max(step_minutes / 2, step_minutes - wrap_up / 60)
         step_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": epochs,
                                                                                 "max_minutes": minutes})})
         old_model = None if model is None else _frozen_copy(model)
@@ -167,10 +174,12 @@ def run_scenario(scenario: Scenario, strategy: str | Sequence[Strategy], cfg: Ru
             # The strategies' set-up is part of what the step costs: it counts against its budget.
             trainer.train_seconds = time.perf_counter() - start
             fit = trainer.fit()
+            wrap_start = time.perf_counter()
             for s in active:
                 s.end_step(ctx, trainer)
             if memory is not None:
                 memory.update(step.train, step=t)
+            wrap_up = time.perf_counter() - wrap_start
             seconds, seen = time.perf_counter() - start, fit.images_seen
         if t == 0 and base_model is not None:
             model_dir = Path(base_model)  # learned elsewhere: the base itself is the parent of step 1
