@@ -71,4 +71,5 @@ def test_scenario_run_takes_strategy_params_and_step_budget(tiny_camvid, tmp_pat
     assert r.exit_code == 0, r.output
     step0 = yaml.safe_load((tmp_path / "ok" / "step0" / "config.yaml").read_text())
     step1 = yaml.safe_load((tmp_path / "ok" / "step1" / "config.yaml").read_text())
-    assert step1["train"]["max_minutes"] == 0.5 and step0["train"]["max_minutes"] != 0.5
+    # Step 1's trainer gets the step's budget less the step-0 wrap-up it reserves (the memory update).
+    assert 0.45 < step1["train"]["max_minutes"] <= 0.5 and step0["train"]["max_minutes"] != 0.5
