@@ -175,10 +175,6 @@ def _continual_config(config: Optional[Path], set_: list[str], epochs: Optional[
     return load_config(config, overrides)
 
 
-# Fine-tuning, the old default, forgets: on camvid-6-5 it keeps 0.0 old-class mIoU. MiB with a
-# 20-image replay memory was the best measured there (benchmarks/README.md) and, without new
-# classes, acts as replay, which matches joint retraining on camvid-domains.
-DEFAULT_STRATEGY = "mib+replay"
 STRATEGY_HELP = ("finetune, ewc, mas, weighting, replay, lwf, ilt, mib, plop, mer or a '+' combination such as "
                  "plop+replay")
 
@@ -190,7 +186,8 @@ def learn(
     out: Annotated[Path, typer.Option(help="Run folder; the new model is OUT/model")],
     new_classes: Annotated[Optional[str], typer.Option(
         help="Comma-separated class names to add; omit to learn new data of the same classes")] = None,
-    strategy: Annotated[str, typer.Option(help=STRATEGY_HELP)] = DEFAULT_STRATEGY,
+    strategy: Annotated[Optional[str], typer.Option(
+        help=STRATEGY_HELP + " (default: mib+replay for new classes, replay for new data)")] = None,
     dataset: DatasetOpt = None,
     split: Annotated[str, typer.Option(help="Split with the new training images")] = "train",
     test_split: Annotated[str, typer.Option(help="Split to measure old/new classes on")] = "test",
@@ -206,6 +203,7 @@ def learn(
     from everseg.data import DataError, open_dataset
     from everseg.data.scenarios import align_labels, build_scenario
     from everseg.learn.continual import class_incremental_spec, domain_spec, run_scenario
+    from everseg.learn.strategies import default_strategy
     from everseg.workflows import load_trained_model, resolve_model_dir
 
     try:
@@ -222,6 +220,7 @@ def learn(
             spec = domain_spec()
             pool, test = align_labels(pool, base.label_space), align_labels(test, base.label_space)
         scenario = build_scenario(spec, pool, test, base_trained=True)
+        strategy = strategy or default_strategy(bool(new_classes))
         report = run_scenario(scenario, strategy, cfg, out, base_model=model_dir, memory_size=memory_size,
                               step_minutes=minutes, params=_strategy_params(param), progress=progress)
     except (DataError, ValueError, FileNotFoundError) as exc:
@@ -236,8 +235,9 @@ def scenario_run(
     out: Annotated[Path, typer.Option(help="Run folder: step models, results.json/.md, plot")],
     protocol: Annotated[Optional[str], typer.Option(help="Built-in protocol, e.g. camvid-6-1, voc-15-1-overlap")] = None,
     scenario: Annotated[Optional[Path], typer.Option(help="Scenario YAML (instead of --protocol)")] = None,
-    strategy: Annotated[str, typer.Option(
-        help=STRATEGY_HELP + "; joint retrains on everything")] = DEFAULT_STRATEGY,
+    strategy: Annotated[Optional[str], typer.Option(
+        help=STRATEGY_HELP + "; joint retrains on everything (default: mib+replay when steps add classes, "
+             "replay when they add data)")] = None,
     dataset: DatasetOpt = None,
     config: Annotated[Optional[Path], typer.Option(help="YAML config (model, augmentation, optimiser)")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Epochs of step 0")] = None,
@@ -256,6 +256,7 @@ def scenario_run(
     from everseg.data.protocols import get_protocol
     from everseg.data.scenarios import ScenarioSpec, build_scenario
     from everseg.learn.continual import run_scenario
+    from everseg.learn.strategies import default_strategy
 
     if (protocol is None) == (scenario is None):
         _fail("give exactly one of --protocol and --scenario")
@@ -267,6 +268,7 @@ def scenario_run(
         sc = build_scenario(spec, pool, test, base_dir=scenario.parent if scenario else None,
                             base_trained=base_model is not None)
         cfg = _continual_config(config, set_, epochs)
+        strategy = strategy or default_strategy(spec.kind == "class")
         report = run_scenario(sc, strategy, cfg, out, step_epochs=step_epochs, step_minutes=step_minutes,
                               base_model=base_model, params=_strategy_params(param), memory_size=memory_size,
                               progress=progress)

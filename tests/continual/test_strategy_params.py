@@ -24,3 +24,10 @@ def test_params_reach_the_right_strategy_with_the_default_type():
 def test_bad_params_are_refused_by_name(spec, params, message):
     with pytest.raises(ValueError, match=message):
         build_strategies(spec, params)
+
+
+def test_the_default_strategy_depends_on_whether_classes_are_added():
+    from everseg.learn.strategies import build_strategies, default_strategy
+
+    assert [s.name for s in build_strategies(default_strategy(True))] == ["replay", "mib"]
+    assert [s.name for s in build_strategies(default_strategy(False))] == ["replay"]
