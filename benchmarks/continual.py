@@ -222,7 +222,7 @@ def table(all_results: list[dict], tag: str | None = None) -> str:
         for name, r in res["strategies"].items():
             share, ratio = r["max_step_share_of_joint"], r["ratio_to_joint"]
             ratio_s = "–" if ratio is None else f"{ratio:.2f}"
-            share_s = "–" if share is None else f"{100 * share:.0f}%"
+            share_s = "–" if share is None else f"{100 * share:.1f}%"
             commit = (r.get("made_at") or {}).get("commit") or "–"
             if domain:
                 d = r["domain_miou_last"]
