@@ -133,9 +133,10 @@ def run_scenario(scenario: Scenario, strategy: str | Sequence[Strategy], cfg: Ru
         step_dir = out / f"step{t}"
         later = t > 0 and not joint
         epochs = step_epochs if later and step_epochs is not None else cfg.train.epochs
-        minutes = step_minutes if later and step_minutes is not None else cfg.train.max_minutes
         if later and step_minutes is not None:
             minutes = max(step_minutes / 2, step_minutes - wrap_up / 60)
+        else:
+            minutes = cfg.train.max_minutes
         step_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": epochs,
                                                                                 "max_minutes": minutes})})
         old_model = None if model is None else _frozen_copy(model)

@@ -176,7 +176,7 @@ class Trainer:
         epochs_this_session = 0
         try:
             while self.epoch < tc.epochs and not self.stop_requested:
-                if tc.max_minutes is not None and self.epoch > 0 and self.budget_used(self._step_seconds) >= 1.0:
+                if self.epoch > 0 and not self._next_step_fits():
                     progress.message(f"time budget of {tc.max_minutes} min used after {self.epoch} epochs")
                     break
                 self.model.train()
@@ -219,7 +219,7 @@ class Trainer:
                         self._step_seconds = took if not self._step_seconds else 0.8 * self._step_seconds + 0.2 * took
                         # A budget is a budget: an epoch longer than what is left is cut, not finished
                         # (its LR has already decayed to zero by time, so the rest would be wasted).
-                        out_of_time = tc.max_minutes is not None and self.budget_used(self._step_seconds) >= 1.0
+                        out_of_time = not self._next_step_fits()
                     for plugin in self.plugins:
                         plugin.after_step(self, batch, output)
                     loss_sum += loss.detach().float()
@@ -313,6 +313,10 @@ class Trainer:
             return 0.0
         running = time.perf_counter() - self._epoch_start if self._epoch_start is not None else 0.0
         return min(1.0, (self.train_seconds + running + ahead) / (budget * 60))
+
+    def _next_step_fits(self) -> bool:
+        """Whether one more optimizer step, as long as the recent ones, ends inside the time budget."""
+        return self.config.train.max_minutes is None or self.budget_used(self._step_seconds) < 1.0
 
     def current_lr(self) -> float:
         """LR of the head (the largest group LR)."""
