@@ -200,6 +200,27 @@ def test_a_time_budget_stops_before_a_step_it_cannot_finish(tiny_camvid, tmp_pat
     assert result.epochs_run == 1  # 4 steps an epoch: the first is cut, no second one begins
 
 
+def test_eta_counts_down_the_time_budget_not_the_remaining_epochs(tiny_camvid, tmp_path, monkeypatch, capsys):
+    import everseg.learn.trainer as trainer_module
+
+    clock = [0.0]
+
+    class OneSecondSteps(Plugin):
+        def before_forward(self, trainer, batch):
+            clock[0] += 1.0
+
+    monkeypatch.setattr(trainer_module.time, "perf_counter", lambda: clock[0])
+    cfg = tiny_config(tiny_camvid, **{"train.epochs": 50, "train.max_minutes": 30.5 / 60, "data.val_split": None,
+                                      "train.batch_size": 2})
+    train_set, _ = build_datasets(cfg)
+    trainer = Trainer(build_model(cfg, train_set), train_set, None, cfg, tmp_path / "run",
+                      plugins=[OneSecondSteps()], progress=True)
+    trainer.fit()
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("epoch 1/50")]
+    # 4 one-second steps an epoch: the epochs left would take 196 s, the budget has 26.5 s left.
+    assert lines and lines[0].endswith("eta 0.4 min"), lines
+
+
 def test_train_with_the_same_seed_gives_the_same_model(tiny_camvid, tmp_path):
     from everseg.learn import train
 

@@ -39,20 +39,24 @@ class TrainProgress:
             self._progress.update(self._task, completed=step_in_epoch,
                                   stats=f"loss {loss:.4f}  {images_per_second:.1f} img/s  lr {lr:.2e}")
 
-    def end_epoch(self, epoch: int, summary: dict[str, Any], epochs_done_this_run: int) -> None:
+    def end_epoch(self, epoch: int, summary: dict[str, Any], epochs_done_this_run: int,
+                  budget_left_seconds: float | None = None) -> None:
         if not self.enabled:
             return
+        self.message(self.epoch_line(epoch, summary, epochs_done_this_run, budget_left_seconds))
+
+    def epoch_line(self, epoch: int, summary: dict[str, Any], epochs_done_this_run: int,
+                   budget_left_seconds: float | None = None) -> str:
         elapsed = time.perf_counter() - self._fit_start
         remaining = elapsed / max(1, epochs_done_this_run) * (self.total_epochs - epoch - 1)
+        if budget_left_seconds is not None:
+            # A time budget ends the run before the last epoch when it is the tighter limit.
+            remaining = min(remaining, max(0.0, budget_left_seconds))
         parts = [f"epoch {epoch + 1}/{self.total_epochs}"]
         for key, value in summary.items():
             parts.append(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}")
         parts.append(f"eta {remaining / 60:.1f} min")
-        line = "  ".join(parts)
-        if self.live and self._progress is not None:
-            self._progress.console.print(line)
-        else:
-            print(line, file=sys.stderr, flush=True)
+        return "  ".join(parts)
 
     def message(self, text: str) -> None:
         if self.enabled:

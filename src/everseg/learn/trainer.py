@@ -275,7 +275,9 @@ class Trainer:
                     self._save_checkpoint(generator)
                 progress.end_epoch(self.epoch - 1, {k: v for k, v in record.items()
                                                     if k in ("loss", "images_per_second", "val_miou")},
-                                   epochs_this_session)
+                                   epochs_this_session,
+                                   budget_left_seconds=((1.0 - self.budget_used()) * tc.max_minutes * 60
+                                                        if tc.max_minutes else None))
                 for plugin in self.plugins:
                     plugin.on_epoch_end(self)
         finally:
