@@ -1,8 +1,9 @@
-"""Shared fixtures: tiny real datasets cut from the embedded CamVid sample."""
+"""Shared fixtures: tiny real datasets cut from the embedded CamVid sample, and a fake clock."""
 
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -48,3 +49,20 @@ def tiny_camvid(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
+
+
+class FakeClock:
+    """``time.perf_counter`` under a test's control: work takes exactly the seconds the test says."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def fake_clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
+    clock = FakeClock()
+    monkeypatch.setattr(time, "perf_counter", lambda: clock.now)
+    return clock

@@ -278,24 +278,19 @@ def test_replay_class_weights_count_the_memory_as_often_as_it_is_replayed(tiny_s
     assert type(trainer.criterion).__name__ == "UnbiasedCrossEntropy"
 
 
-def test_a_steps_budget_counts_the_strategys_set_up(tiny_scenario, tmp_path, monkeypatch):
-    import time
-
+def test_a_steps_budget_counts_the_strategys_set_up(tiny_scenario, tmp_path, fake_clock):
     from everseg.learn.strategies.base import Strategy
-
-    clock = [0.0]
 
     class SlowSetUp(Strategy):
         name = "slow-set-up"
 
         def begin_step(self, ctx):
             super().begin_step(ctx)
-            clock[0] += 2.0  # e.g. an importance pass before training
+            fake_clock.advance(2.0)  # e.g. an importance pass before training
 
         def before_forward(self, trainer, batch):
-            clock[0] += 1.0  # each training step takes one (fake) second
+            fake_clock.advance(1.0)  # each training step takes one (fake) second
 
-    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
     # Step 0 trains 1 epoch (2 steps of 4 images) without a budget; step 1 gets 3.5 s.
     report = run_scenario(tiny_scenario, [SlowSetUp()], tiny_cfg(**{"train.epochs": 5}), tmp_path / "run",
                           progress=False, step_minutes=3.5 / 60)
@@ -303,9 +298,8 @@ def test_a_steps_budget_counts_the_strategys_set_up(tiny_scenario, tmp_path, mon
     assert report.steps[1].images_seen == 4 and report.steps[1].seconds == pytest.approx(3.0)
 
 
-def test_a_steps_wrap_up_is_reserved_from_the_next_steps_budget(tiny_camvid, tmp_path, monkeypatch):
+def test_a_steps_wrap_up_is_reserved_from_the_next_steps_budget(tiny_camvid, tmp_path, fake_clock):
     import dataclasses
-    import time
 
     from everseg.learn.strategies.base import Strategy
 
@@ -313,18 +307,16 @@ def test_a_steps_wrap_up_is_reserved_from_the_next_steps_budget(tiny_camvid, tmp
     spec = dataclasses.replace(spec, steps=spec.steps[:3])  # base, Pole, SignSymbol
     train = open_dataset(tiny_camvid, dataset="folder", split="train")
     scenario = build_scenario(spec, train, open_dataset(tiny_camvid, dataset="folder", split="test"))
-    clock = [0.0]
 
     class SlowWrapUp(Strategy):
         name = "slow-wrap-up"
 
         def before_forward(self, trainer, batch):
-            clock[0] += 1.0  # each training step takes one (fake) second
+            fake_clock.advance(1.0)  # each training step takes one (fake) second
 
         def end_step(self, ctx, trainer):
-            clock[0] += 1.5  # e.g. an importance pass after training
+            fake_clock.advance(1.5)  # e.g. an importance pass after training
 
-    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
     report = run_scenario(scenario, [SlowWrapUp()], tiny_cfg(**{"train.epochs": 5, "train.batch_size": 1}),
                           tmp_path / "run", progress=False, step_minutes=4.0 / 60)
     # Step 0 (no budget) measured the wrap-up; each later step reserves it: 2 steps + 1.5 s = 3.5 s.

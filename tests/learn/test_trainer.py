@@ -181,40 +181,30 @@ def test_grad_accumulation_adamw_cosine_and_time_budget(tiny_camvid, tmp_path):
     assert (tmp_path / "budget" / "model" / "config.json").is_file()
 
 
-def test_a_time_budget_stops_before_a_step_it_cannot_finish(tiny_camvid, tmp_path, monkeypatch):
-    import everseg.learn.trainer as trainer_module
+class OneSecondSteps(Plugin):
+    def __init__(self, clock):
+        self.clock = clock
 
-    clock = [0.0]
+    def before_forward(self, trainer, batch):
+        self.clock.advance(1.0)  # each step's work takes one (fake) second
 
-    class OneSecondSteps(Plugin):
-        def before_forward(self, trainer, batch):
-            clock[0] += 1.0  # each step's work takes one (fake) second
 
-    monkeypatch.setattr(trainer_module.time, "perf_counter", lambda: clock[0])
+def test_a_time_budget_stops_before_a_step_it_cannot_finish(tiny_camvid, tmp_path, fake_clock):
     cfg = tiny_config(tiny_camvid, **{"train.epochs": 50, "train.max_minutes": 3.5 / 60, "data.val_split": None,
                                       "train.batch_size": 2})
-    trainer = make_trainer(cfg, tmp_path / "run", plugins=[OneSecondSteps()])
+    trainer = make_trainer(cfg, tmp_path / "run", plugins=[OneSecondSteps(fake_clock)])
     result = trainer.fit()
     # Three steps end at 3 s; a fourth would end at 4 s, past the 3.5 s budget, so it is not started.
     assert trainer.global_step == 3 and result.train_seconds == pytest.approx(3.0)
     assert result.epochs_run == 1  # 4 steps an epoch: the first is cut, no second one begins
 
 
-def test_eta_counts_down_the_time_budget_not_the_remaining_epochs(tiny_camvid, tmp_path, monkeypatch, capsys):
-    import everseg.learn.trainer as trainer_module
-
-    clock = [0.0]
-
-    class OneSecondSteps(Plugin):
-        def before_forward(self, trainer, batch):
-            clock[0] += 1.0
-
-    monkeypatch.setattr(trainer_module.time, "perf_counter", lambda: clock[0])
+def test_eta_counts_down_the_time_budget_not_the_remaining_epochs(tiny_camvid, tmp_path, fake_clock, capsys):
     cfg = tiny_config(tiny_camvid, **{"train.epochs": 50, "train.max_minutes": 30.5 / 60, "data.val_split": None,
                                       "train.batch_size": 2})
     train_set, _ = build_datasets(cfg)
     trainer = Trainer(build_model(cfg, train_set), train_set, None, cfg, tmp_path / "run",
-                      plugins=[OneSecondSteps()], progress=True)
+                      plugins=[OneSecondSteps(fake_clock)], progress=True)
     trainer.fit()
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("epoch 1/50")]
     # 4 one-second steps an epoch: the epochs left would take 196 s, the budget has 26.5 s left.

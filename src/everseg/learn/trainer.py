@@ -275,9 +275,7 @@ class Trainer:
                     self._save_checkpoint(generator)
                 progress.end_epoch(self.epoch - 1, {k: v for k, v in record.items()
                                                     if k in ("loss", "images_per_second", "val_miou")},
-                                   epochs_this_session,
-                                   budget_left_seconds=((1.0 - self.budget_used()) * tc.max_minutes * 60
-                                                        if tc.max_minutes else None))
+                                   epochs_this_session, budget_left_seconds=self._budget_left_seconds())
                 for plugin in self.plugins:
                     plugin.on_epoch_end(self)
         finally:
@@ -315,6 +313,10 @@ class Trainer:
             return 0.0
         running = time.perf_counter() - self._epoch_start if self._epoch_start is not None else 0.0
         return min(1.0, (self.train_seconds + running + ahead) / (budget * 60))
+
+    def _budget_left_seconds(self) -> float | None:
+        budget = self.config.train.max_minutes
+        return None if budget is None else (1.0 - self.budget_used()) * budget * 60
 
     def _next_step_fits(self) -> bool:
         """Whether one more optimizer step, as long as the recent ones, ends inside the time budget."""
