@@ -78,10 +78,12 @@ def table() -> str:
     for path in sorted((BENCH_DIR / "results").glob("camvid-*.json")):
         rows.append(json.loads(path.read_text()))
     order = {v: i for i, v in enumerate(VARIANTS)}
-    # Rows at the same budget sit together: the headline (untagged) runs first, then each tag.
-    rows.sort(key=lambda r: (r.get("tag") or "", order.get(r["variant"], 99)))
-    head = "| model | mIoU | TTA flip / +scales | pixel acc. | train min (budget) | epochs | threads | commit | " + " | ".join(CLASSES) + " |\n"
-    head += "|---|---:|---:|---:|---:|---:|---:|---|" + "---:|" * len(CLASSES) + "\n"
+    # Rows at the same budget sit together, the largest budget first; within it the untagged
+    # (headline) run leads, then each tag.
+    rows.sort(key=lambda r: (-(r["config"]["train"].get("max_minutes") or 0), r.get("tag") or "",
+                             order.get(r["variant"], 99)))
+    head = "| model | loss | mIoU | TTA flip / +scales | pixel acc. | train min (budget) | epochs | threads | commit | " + " | ".join(CLASSES) + " |\n"
+    head += "|---|---|---:|---:|---:|---:|---:|---:|---|" + "---:|" * len(CLASSES) + "\n"
     lines = []
     for r in rows:
         c = r["config"]
@@ -92,10 +94,11 @@ def table() -> str:
         threads = t.get("threads") or r["machine"].get("torch_threads")
         tta = r.get("tta") or {}
         tta_s = " / ".join(f"{tta[k]['miou']:.1f}" if k in tta else "–" for k in TTA)
-        lines.append(f"| **{name}** | **{r['miou']:.1f}** | {tta_s} | {r['pixel_accuracy']:.1f} | {r['train_minutes']:.0f} "
+        loss = c.get("loss", {}).get("kind", "ce")
+        lines.append(f"| **{name}** | {loss} | **{r['miou']:.1f}** | {tta_s} | {r['pixel_accuracy']:.1f} | {r['train_minutes']:.0f} "
                      f"({t.get('max_minutes') or '-'}) | {r['epochs']} | {threads} | {r['machine']['commit']} | {per} |")
     for name, miou in PUBLISHED:
-        lines.append(f"| {name} (published) | {miou} | | | | | | |" + " |" * len(CLASSES))
+        lines.append(f"| {name} (published) | | {miou} | | | | | | |" + " |" * len(CLASSES))
     machine = rows[0]["machine"] if rows else machine_info()
     data_note = ""
     if rows:
