@@ -37,6 +37,31 @@ def test_dice_by_hand():
         abs=1e-5)
 
 
+def test_dice_gradient_matches_the_one_hot_formulation():
+    # The loss avoids a one-hot tensor for speed; the textbook form must give the same value
+    # and gradient, and ignored pixels must get no gradient at all.
+    torch.manual_seed(0)
+    target = torch.randint(0, 5, (2, 6, 7))
+    target[0, :2] = 255
+    target[1, :, 3] = 4  # class 4 present; class set otherwise random
+
+    def one_hot_dice(logits):
+        valid = target != 255
+        probs = logits.softmax(1) * valid.unsqueeze(1)
+        onehot = F.one_hot(torch.where(valid, target, 0), 5).permute(0, 3, 1, 2) * valid.unsqueeze(1)
+        inter, total = (probs * onehot).sum((0, 2, 3)), (probs + onehot).sum((0, 2, 3))
+        present = onehot.sum((0, 2, 3)) > 0
+        return 1 - ((2 * inter + 1) / (total + 1))[present].mean()
+
+    fast = torch.randn(2, 5, 6, 7, requires_grad=True)
+    slow = fast.detach().clone().requires_grad_()
+    DiceLoss()(fast, target).backward()
+    one_hot_dice(slow).backward()
+    torch.testing.assert_close(fast.grad, slow.grad)
+    assert DiceLoss()(fast, target).item() == pytest.approx(one_hot_dice(slow).item(), abs=1e-6)
+    assert fast.grad[0, :, :2].abs().max() == 0
+
+
 def test_median_frequency_weights_by_hand():
     # 2 images x 3 classes; class 2 only in image 1.
     counts = np.array([[30, 10, 0], [20, 0, 20]])

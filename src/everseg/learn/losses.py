@@ -13,7 +13,7 @@ from everseg.data.labelspace import IGNORE_INDEX
 
 
 class DiceLoss(nn.Module):
-    """1 - mean soft Dice over the classes present in the batch (truth or prediction).
+    """1 - mean soft Dice over the classes present in the batch's truth.
 
     Ignored pixels count neither in the prediction nor in the truth. Averaging over
     present classes only keeps an absent class from rewarding an empty prediction.
@@ -27,14 +27,19 @@ class DiceLoss(nn.Module):
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         n_cls = logits.shape[1]
         valid = target != self.ignore_index
-        probs = logits.float().softmax(1) * valid.unsqueeze(1)
-        onehot = F.one_hot(torch.where(valid, target, 0), n_cls).permute(0, 3, 1, 2)
-        onehot = onehot * valid.unsqueeze(1)
-        dims = (0, 2, 3)
-        inter = (probs * onehot).sum(dims)
-        total = probs.sum(dims) + onehot.sum(dims)
-        dice = (2 * inter + self.smooth) / (total + self.smooth)
-        present = onehot.sum(dims) > 0
+        labels = torch.where(valid, target, 0)
+        probs = logits.float().softmax(1)
+        weight = valid.to(probs.dtype)
+        # No one-hot tensor: at batch 8 x 11 classes x 288x384 building it (int64) and
+        # multiplying through it cost 300 ms a step, a fifth of a training step on 2 cores.
+        # The intersection only needs each pixel's probability of its true class.
+        p_true = probs.gather(1, labels.unsqueeze(1)).squeeze(1) * weight
+        inter = p_true.new_zeros(n_cls).scatter_add(0, labels.flatten(), p_true.flatten())
+        # Sum over all pixels, then take off the (few) ignored ones: cheaper than masking all.
+        pred = probs.sum((0, 2, 3)) - probs.permute(0, 2, 3, 1)[~valid].sum(0)
+        truth = torch.bincount(labels[valid], minlength=n_cls).to(probs.dtype)
+        dice = (2 * inter + self.smooth) / (pred + truth + self.smooth)
+        present = truth > 0
         return 1.0 - dice[present].mean() if present.any() else logits.sum() * 0.0
 
 
