@@ -55,6 +55,17 @@ class SegmenterContract:
                 assert out.dtype == torch.float32
                 assert torch.isfinite(out).all()
 
+    def test_odd_sizes_are_predicted_on_the_stride_aligned_grid(self, model: Segmenter) -> None:
+        # 65 x 97 is padded (black, bottom and right) to the next multiple of the
+        # deepest stride, so each pixel's prediction is the one it gets inside a
+        # larger, aligned image, as in training crops.
+        model.eval()
+        deepest = max(model.backbone.reductions)
+        x = images(1, 65, 97)
+        padded = F.pad(x, (0, -97 % deepest, 0, -65 % deepest))
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), model(padded)[..., :65, :97])
+
     def test_features_match_declared_channels_and_strides(self, arch: str, model: Segmenter) -> None:
         self._check_output_stride(arch, model, 16)  # the default
         h, w = 65, 97
@@ -64,9 +75,12 @@ class SegmenterContract:
         assert logits.shape == (1, NUM_CLASSES, h, w)
         assert len(feats["backbone"]) == len(backbone.channels) == len(backbone.reductions)
         assert list(backbone.reductions) == sorted(backbone.reductions)
+        # the input is padded to a multiple of the deepest stride before the backbone
+        deepest = max(backbone.reductions)
+        hp, wp = math.ceil(h / deepest) * deepest, math.ceil(w / deepest) * deepest
         for f, c, r in zip(feats["backbone"], backbone.channels, backbone.reductions, strict=True):
             assert f.shape[1] == c
-            assert f.shape[-2:] == (math.ceil(h / r), math.ceil(w / r))
+            assert f.shape[-2:] == (hp // r, wp // r)
         assert feats["decoder"].shape[1] == model.decoder.out_channels == model.classifier.in_channels
         assert isinstance(model.classifier, nn.Conv2d) and model.classifier.kernel_size == (1, 1)
         assert model.classifier.out_channels == NUM_CLASSES
