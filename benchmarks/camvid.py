@@ -31,6 +31,7 @@ VARIANTS = {
 PUBLISHED = [("SegNet", 46.4), ("FCN-8", 57.0), ("DeepLab-LargeFOV", 61.6), ("Bayesian SegNet", 63.1),
              ("Dilation8", 65.3), ("FC-DenseNet103", 66.9)]
 TTA = {"flip": {"flip": True}, "flip+ms": {"flip": True, "scales": (0.75, 1.0, 1.25)}}
+CLASS_WEIGHT_NAMES = {"median_frequency": "median-freq.", "inverse_sqrt": "inverse-sqrt"}
 CLASSES = ("Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence", "Car",
            "Pedestrian", "Bicyclist")
 
@@ -116,6 +117,9 @@ def table() -> str:
         tta = r.get("tta") or {}
         tta_s = " / ".join(f"{tta[k]['miou']:.1f}" if k in tta else "–" for k in TTA)
         loss = c.get("loss", {}).get("kind", "ce")
+        weights = c.get("loss", {}).get("class_weights", "none")
+        if weights != "none":
+            loss += f", {CLASS_WEIGHT_NAMES.get(str(weights), weights)} weights"
         commit = r["machine"]["commit"]
         if r.get("scored") and r["scored"]["commit"] != commit:
             commit += f" (scored {r['scored']['commit']})"
