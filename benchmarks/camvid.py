@@ -40,7 +40,7 @@ def result_name(variant: str, tag: str | None) -> str:
     return f"camvid-{variant}-{tag}" if tag else f"camvid-{variant}"
 
 
-def test_scores(model, test) -> dict:
+def plain_scores(model, test) -> dict:
     """Plain (one view) test metrics of ``model``."""
     ev = evaluate(model, test, autocast_bf16=cpu_has_native_bf16(), channels_last=True, progress=False)
     metrics = ev.metrics.to_dict(model.label_space)
@@ -74,7 +74,7 @@ def run_variant(variant: str, config: Path, data: Path, overrides: dict, resume:
         "variant": variant, "tag": tag, "machine": machine, "config": cfg.model_dump(mode="json"),
         "epochs": fit.epochs_run, "train_minutes": round(train_minutes, 2),
         "wall_minutes": round((time.perf_counter() - start) / 60, 2),
-        "train_images_seen": fit.images_seen, **test_scores(model, test), "tta": tta_scores(model, test),
+        "train_images_seen": fit.images_seen, **plain_scores(model, test), "tta": tta_scores(model, test),
     }
 
 
@@ -90,7 +90,7 @@ def rescore(name: str, data: Path) -> dict:
         raise SystemExit(f"{path} or {model_dir} is missing: train the variant first")
     result = json.loads(path.read_text())
     model, test = load_model(model_dir), load_camvid(data, "test")
-    result.update(test_scores(model, test), tta=tta_scores(model, test), scored=machine_info())
+    result.update(plain_scores(model, test), tta=tta_scores(model, test), scored=machine_info())
     write_json(name, result)
     return result
 

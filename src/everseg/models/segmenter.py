@@ -73,7 +73,8 @@ class Segmenter(nn.Module):
     normalises them with the backbone's ``mean``/``std`` and returns logits
     N x num_classes x H x W. Sides that are not a multiple of the deepest feature
     stride are padded with black at the bottom and right first (the logits of the
-    padding are cut off), so the feature grid sits on the pixels as in training. Build one with :func:`~everseg.models.create_model`.
+    padding are cut off), so the feature grid sits on the pixels as in training.
+    Build one with :func:`~everseg.models.create_model`.
 
     Attributes:
         backbone: feature extractor (:class:`~everseg.models.backbones.Backbone`).
