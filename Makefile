@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/everseg demo --out runs/demo
+	$(VENV)/bin/everseg demo --out runs/demo --overwrite
 
 test: $(STAMP)
 	$(PY) -m pytest

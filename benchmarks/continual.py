@@ -276,7 +276,7 @@ def run_stream(args) -> dict:
                 image, mask = pool.decoded(i)
                 learner.observe(image, mask, stem=pool.samples[i].stem)
             if n % args.stream_every == 0 or n == len(stream):
-                scores = {d: 100 * evaluate(learner.model, v, autocast_bf16=bf16, progress=False).metrics.miou
+                scores = {d: evaluate(learner.model, v, autocast_bf16=bf16, progress=False).metrics.miou
                           for d, v in scenario.steps[0].tests.items()}
                 points.append({"images": n, "version": learner.version, **scores,
                                "seconds": time.perf_counter() - start})

@@ -54,9 +54,22 @@ def test_train_eval_predict_check(tiny_camvid, tmp_path):
     assert "Road" in r.output
 
 
+def one_line_error(output: str) -> str:
+    """The single ``error:`` line of a command's output (asserting there is exactly one)."""
+    lines = [ln for ln in output.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, output
+    assert "Traceback" not in output, output
+    return lines[0]
+
+
 def test_bad_inputs_give_clear_errors(tiny_camvid, tmp_path):
-    r = invoke("eval", "--model", tmp_path / "nothing", "--data", tiny_camvid)
-    assert r.exit_code != 0 and "not an everseg model folder" in r.output
+    # A path far longer than a terminal line: the message must stay on one line, whole.
+    deep = tmp_path / ("x" * 120) / ("y" * 120) / "nothing"
+    r = invoke("eval", "--model", deep, "--data", tiny_camvid)
+    assert r.exit_code == 2
+    assert one_line_error(r.output) == f"error: {deep}: no such model folder"
+    r = invoke("eval", "--model", tiny_camvid, "--data", tiny_camvid)
+    assert r.exit_code == 2 and f"{tiny_camvid}: not an everseg model folder" in one_line_error(r.output)
     bad = tmp_path / "bad.yaml"
     bad.write_text("optim:\n  learning_rate: 1\n")
     r = invoke("train", "--config", bad, "--data", tiny_camvid, "--out", tmp_path / "r")

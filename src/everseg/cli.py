@@ -1,39 +1,181 @@
-"""The ``everseg`` command: a thin layer over the library (see everseg.workflows)."""
+"""The ``everseg`` command: a thin layer over the library (see everseg.workflows).
+
+Every command's errors end the same way, in :class:`_Commands.invoke`: one line on stderr
+naming the input and the problem, exit code 2 (1 for ``data check``), never a traceback.
+``EVERSEG_DEBUG=1`` shows the traceback of an unexpected error.
+"""
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
+from typer.core import TyperGroup
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Semantic segmentation that keeps learning.")
-data_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Check and fetch datasets.")
+try:  # typer 0.2x carries its own copy of click
+    from typer._click import exceptions as _click_errors
+except ImportError:  # pragma: no cover - older typer runs on click itself
+    from click import exceptions as _click_errors
+
+# What the command line machinery raises on purpose (usage errors, exit codes); typer's
+# Exit and Abort are RuntimeErrors, so they must pass before bad input is caught.
+_CLI_SIGNALS = (typer.Exit, typer.Abort, _click_errors.ClickException,
+                *(getattr(_click_errors, n) for n in ("Exit", "Abort") if hasattr(_click_errors, n)))
+
+# soft_wrap: an error message is one line in a log however long its paths are (rich would
+# otherwise break it at 80 columns when stderr is not a terminal).
+console = Console(stderr=True, soft_wrap=True, highlight=False)
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    console.print(f"[bold red]error:[/] {escape(message)}")
+    raise typer.Exit(code)
+
+
+def _message(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, OSError) and exc.filename and str(exc.filename) not in text:
+        text = f"{exc.filename}: {exc.strerror or text}"
+    elif isinstance(exc, OSError) and exc.filename and exc.strerror:
+        text = f"{exc.filename}: {exc.strerror}"
+    return text
+
+
+class _Commands(TyperGroup):
+    """Runs a command and turns what it raises into one clear line."""
+
+    def invoke(self, ctx: typer.Context) -> Any:
+        _log_to_stderr()
+        try:
+            return super().invoke(ctx)
+        except _CLI_SIGNALS:
+            raise
+        except KeyboardInterrupt:
+            _fail("interrupted", 130)
+        except (ValueError, OSError, RuntimeError) as exc:  # bad input: data, config, paths
+            if os.environ.get("EVERSEG_DEBUG"):
+                raise
+            _fail(_message(exc), getattr(ctx.find_root(), "error_code", 2))
+        except Exception as exc:  # a bug: still one line, the traceback on request
+            if os.environ.get("EVERSEG_DEBUG"):
+                raise
+            _fail(f"internal error ({type(exc).__name__}: {exc}); rerun with EVERSEG_DEBUG=1 for the "
+                  "traceback and please report it", 3)
+
+
+class _StderrLines(logging.Handler):
+    """The library's messages (``everseg`` logger) as plain lines on the current stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        prefix = "warning: " if record.levelno >= logging.WARNING else ""
+        console.print(escape(prefix + record.getMessage()))
+
+
+def _log_to_stderr() -> None:
+    logger = logging.getLogger("everseg")
+    if not any(isinstance(h, _StderrLines) for h in logger.handlers):
+        logger.addHandler(_StderrLines())
+        logger.setLevel(logging.INFO)
+
+
+def _typer(help: str) -> typer.Typer:
+    # rich_markup_mode=None: click's plain help, which shows flags as --resume / --no-resume
+    # (the rich help of typer 0.29 printed "<bool>" after every flag, --help included).
+    return typer.Typer(add_completion=False, no_args_is_help=True, help=help, cls=_Commands,
+                       rich_markup_mode=None)
+
+
+app = _typer("Semantic segmentation that keeps learning.")
+data_app = _typer("Check and fetch datasets.")
 app.add_typer(data_app, name="data")
-console = Console(stderr=True)
+scenario_app = _typer("Incremental-learning scenarios.")
+app.add_typer(scenario_app, name="scenario")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from everseg import __version__
+
+        typer.echo(f"everseg {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="Print the version and exit")] = False) -> None:
+    """Semantic segmentation that keeps learning."""
+
 
 DatasetOpt = Annotated[Optional[str], typer.Option(
     "--dataset", help="camvid | folder | voc | cityscapes | ade20k (default: detect from the layout)")]
 SetOpt = Annotated[list[str], typer.Option("--set", help="Override a config field: section.field=value (repeatable)")]
 ProgressOpt = Annotated[bool, typer.Option(help="Show progress")]
-MemoryOpt = Annotated[int, typer.Option(help="Replay memory budget (images)")]
+MemoryOpt = Annotated[int, typer.Option(min=0, help="Replay memory budget (images)")]
+OverwriteOpt = Annotated[bool, typer.Option(help="Replace the run already in --out")]
+ThreadsOpt = Annotated[Optional[int], typer.Option(
+    min=1, help="Torch threads (default: one per core; fewer is faster when other work shares the machine)")]
+ScalesOpt = Annotated[str, typer.Option(help="Multi-scale test-time augmentation, e.g. 0.75,1,1.25")]
+CropOpt = Annotated[Optional[str], typer.Option(help="Sliding-window tile HxW, e.g. 360x480")]
+ModeOpt = Annotated[str, typer.Option(help="whole | slide")]
+ParamOpt = Annotated[list[str], typer.Option(
+    "--param", help="Strategy hyper-parameter STRATEGY.NAME=VALUE, e.g. lwf.weight=5 (repeatable)")]
+STRATEGY_HELP = ("finetune, ewc, mas, weighting, replay, lwf, ilt, mib, plop, mer or a '+' combination such as "
+                 "plop+replay")
 
 
-def _fail(message: str, code: int = 2) -> None:
-    console.print(f"[bold red]error:[/] {message}", highlight=False)
-    raise typer.Exit(code)
-
-
-def _parse_size(text: str | None) -> tuple[int, int] | None:
+def _parse_size(text: str | None, option: str = "--crop") -> tuple[int, int] | None:
     if text is None:
         return None
     parts = text.lower().replace("x", ",").split(",")
-    if len(parts) != 2:
-        _fail(f"size {text!r} must look like HxW, e.g. 360x480")
-    return int(parts[0]), int(parts[1])
+    try:
+        h, w = (int(p) for p in parts)
+    except ValueError:
+        raise ValueError(f"{option} {text!r}: expected HxW in pixels, e.g. 360x480") from None
+    if h < 1 or w < 1:
+        raise ValueError(f"{option} {text!r}: both sides must be positive")
+    return h, w
+
+
+def _parse_scales(text: str) -> tuple[float, ...]:
+    try:
+        scales = tuple(float(s) for s in text.split(","))
+    except ValueError:
+        raise ValueError(f"--scales {text!r}: expected comma-separated positive numbers, e.g. 0.75,1,1.25") from None
+    if not all(0 < s < float("inf") for s in scales):
+        raise ValueError(f"--scales {text!r}: every scale must be a positive number")
+    return scales
+
+
+def _config(config: Optional[Path], set_: list[str], **options: Any):
+    """Load a config with ``--set`` overrides and command options (``{"train.epochs": ("--epochs", 3)}``);
+    an invalid value is reported under the option that gave it."""
+    from everseg.learn import load_config, parse_override
+
+    overrides: dict[str, Any] = {}
+    labels: dict[str, str] = {}
+    for text in set_:
+        key, value = parse_override(text)
+        overrides[key], labels[key] = value, f"--set {text}"
+    for key, given in options.items():
+        if given is not None:
+            flag, value = given
+            if value is not None:
+                overrides[key], labels[key] = value, f"{flag} {value}"
+    return load_config(config, overrides, labels=labels)
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 60 else f"{seconds / 60:.1f} min"
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 @app.command()
@@ -44,26 +186,19 @@ def train(
     epochs: Annotated[Optional[int], typer.Option(help="Overrides train.epochs")] = None,
     out: Annotated[Path, typer.Option(help="Run folder: config, checkpoint, TensorBoard, model/")] = Path("runs/train"),
     resume: Annotated[bool, typer.Option(help="Continue the interrupted run in --out")] = False,
+    overwrite: OverwriteOpt = False,
     set_: SetOpt = [],
     progress: ProgressOpt = True,
 ) -> None:
     """Train a model; the best (or last) model is saved in OUT/model."""
-    from everseg.learn import ConfigError, load_config, parse_override, train as run_train
+    from everseg.learn import train as run_train
 
-    try:
-        overrides = dict(parse_override(s) for s in set_)
-        if data is not None:
-            overrides["data.path"] = str(data)
-        if dataset is not None:
-            overrides["data.dataset"] = dataset
-        if epochs is not None:
-            overrides["train.epochs"] = epochs
-        cfg = load_config(config, overrides)
-        result = run_train(cfg, out, resume=resume, progress=progress)
-    except (ConfigError, ValueError, FileNotFoundError) as exc:
-        _fail(str(exc))
-    best = f", best val mIoU {result.best_miou:.2f} (epoch {result.best_epoch + 1})" if result.best_miou is not None else ""
-    console.print(f"trained {result.epochs_run} epochs in {result.seconds / 60:.1f} min{best}; "
+    cfg = _config(config, set_, **{"data.path": ("--data", None if data is None else str(data)),
+                                   "data.dataset": ("--dataset", dataset), "train.epochs": ("--epochs", epochs)})
+    result = run_train(cfg, out, resume=resume, overwrite=overwrite, progress=progress)
+    best = (f", best val mIoU {result.best_miou:.2f} (epoch {result.best_epoch + 1})"
+            if result.best_miou is not None else "")
+    console.print(f"trained {_plural(result.epochs_run, 'epoch')} in {_minutes(result.train_seconds)}{best}; "
                   f"model: {result.model_dir}")
 
 
@@ -75,84 +210,83 @@ def eval_(
     split: Annotated[str, typer.Option(help="Split to evaluate")] = "test",
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write metrics JSON here")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Folder for plots, overlays and metrics.json")] = None,
-    overlays: Annotated[int, typer.Option(help="How many image|truth|prediction overlays to save")] = 8,
-    mode: Annotated[str, typer.Option(help="whole | slide")] = "whole",
-    crop: Annotated[Optional[str], typer.Option(help="Sliding-window tile HxW")] = None,
+    overlays: Annotated[int, typer.Option(min=0, help="How many image|truth|prediction overlays to save")] = 8,
+    mode: ModeOpt = "whole",
+    crop: CropOpt = None,
     flip: Annotated[bool, typer.Option(help="Flip test-time augmentation")] = False,
-    scales: Annotated[str, typer.Option(help="Multi-scale TTA, e.g. 0.75,1,1.25")] = "1.0",
+    scales: ScalesOpt = "1.0",
+    threads: ThreadsOpt = None,
     progress: ProgressOpt = True,
 ) -> None:
-    """Evaluate a model on a dataset split: table, JSON, plots and overlays."""
-    from everseg.data import DataError, open_dataset
-    from everseg.workflows import evaluate_model, load_trained_model
+    """Evaluate a model on a dataset split: table, JSON, plots and overlays (scores in percent)."""
+    from everseg.data import open_dataset
+    from everseg.workflows import evaluate_model, load_trained_model, set_threads
 
-    try:
-        net = load_trained_model(model)
-        ds = open_dataset(data, dataset=dataset, split=split)
-        evaluate_model(net, ds, out_dir=out, json_path=json_path, overlays=overlays, mode=mode,
-                       crop_size=_parse_size(crop), flip=flip,
-                       scales=tuple(float(s) for s in scales.split(",")), progress=progress,
-                       console=Console())
-    except (DataError, ValueError, FileNotFoundError) as exc:
-        _fail(str(exc))
+    crop_size, scale_list = _parse_size(crop), _parse_scales(scales)
+    set_threads(threads)
+    net = load_trained_model(model)
+    ds = open_dataset(data, dataset=dataset, split=split)
+    evaluate_model(net, ds, out_dir=out, json_path=json_path, overlays=overlays, mode=mode,
+                   crop_size=crop_size, flip=flip, scales=scale_list, progress=progress,
+                   console=Console(soft_wrap=True))
     if out is not None:
         console.print(f"plots and overlays in {out}")
 
 
 @app.command()
 def predict(
-    images: Annotated[list[Path], typer.Argument(help="Image files")],
+    images: Annotated[list[Path], typer.Argument(help="Image files, or folders of images")],
     model: Annotated[Path, typer.Option(help="Model folder (or a run folder holding model/)")],
     out: Annotated[Path, typer.Option(help="Output folder")] = Path("predictions"),
-    mode: Annotated[str, typer.Option(help="whole | slide")] = "whole",
-    crop: Annotated[Optional[str], typer.Option(help="Sliding-window tile HxW")] = None,
+    mode: ModeOpt = "whole",
+    crop: CropOpt = None,
     flip: Annotated[bool, typer.Option(help="Flip test-time augmentation")] = False,
+    scales: ScalesOpt = "1.0",
+    threads: ThreadsOpt = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace predictions already in --out")] = False,
+    progress: ProgressOpt = True,
 ) -> None:
-    """Predict masks: OUT/<stem>_mask.png (class ids, palette PNG) and OUT/<stem>_overlay.png."""
-    from everseg.data import DataError
-    from everseg.workflows import load_trained_model, predict_files
+    """Predict masks: OUT/<stem>_mask.png (class ids, palette PNG) and OUT/<stem>_overlay.png (with a legend).
 
-    try:
-        net = load_trained_model(model)
-        written = predict_files(net, images, out, mode=mode, crop_size=_parse_size(crop), flip=flip)
-    except (DataError, ValueError, FileNotFoundError) as exc:
-        _fail(str(exc))
-    console.print(f"wrote {len(written)} masks and overlays to {out}")
+    Images over 2.5 megapixels are predicted in 1024x1024 tiles, so memory stays bounded.
+    """
+    from everseg.workflows import load_trained_model, predict_files, set_threads
+
+    crop_size, scale_list = _parse_size(crop), _parse_scales(scales)
+    set_threads(threads)
+    net = load_trained_model(model)
+
+    def on_image(i: int, n: int, path: Path) -> None:
+        if progress:
+            console.print(f"[{i + 1}/{n}] {path}")
+
+    def on_tile(done: int, total: int) -> None:
+        if progress and (done == total or done % max(1, total // 10) == 0):
+            console.print(f"  tile {done}/{total}")
+
+    report = predict_files(net, images, out, mode=mode, crop_size=crop_size, flip=flip, scales=scale_list,
+                           overwrite=overwrite, on_image=on_image, on_tile=on_tile)
+    for path, problem in report.failed:
+        console.print(f"[bold red]error:[/] {escape(problem if str(path) in problem else f'{path}: {problem}')}")
+    console.print(f"wrote {_plural(len(report.written), 'mask')} and overlays to {out}")
+    if report.failed:
+        _fail(f"{len(report.failed)} of {len(report.failed) + len(report.written)} images could not be read "
+              "(listed above)", 1)
 
 
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Run folder")] = Path("runs/demo"),
     epochs: Annotated[Optional[int], typer.Option(help="Override the demo's epochs")] = None,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Fine-tune ImageNet MobileNetV2 on the embedded CamVid sample, evaluate it, draw overlays."""
-    from everseg.data import open_dataset
-    from everseg.learn import load_config, train as run_train
-    from everseg.samples import SAMPLES_DIR, camvid_mini
-    from everseg.workflows import evaluate_model, load_trained_model
+    from everseg.workflows import run_demo
 
-    overrides: dict = {"data.path": str(camvid_mini())}
-    if epochs is not None:
-        overrides["train.epochs"] = epochs
-    cfg = load_config(SAMPLES_DIR / "demo.yaml", overrides)
-    console.print(f"training {cfg.model.arch}/{cfg.model.backbone} on {camvid_mini()} "
-                  f"for {cfg.train.epochs} epochs -> {out}")
-    result = run_train(cfg, out)
-    test = open_dataset(camvid_mini(), dataset="folder", split="test")
-    report = out / "report"
-    evaluate_model(load_trained_model(result.model_dir), test, out_dir=report,
-                   json_path=report / "metrics.json", overlays=20, console=Console())
+    result, report = run_demo(out, epochs=epochs, overwrite=overwrite, console=Console(soft_wrap=True))
     console.print(f"\nmodel:    {result.model_dir}\nmetrics:  {report / 'metrics.json'}\n"
                   f"plots:    {report / 'per_class_iou.png'}, {report / 'confusion_matrix.png'}\n"
                   f"overlays: {report / 'overlays'}/")
-
-
-scenario_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Incremental-learning scenarios.")
-app.add_typer(scenario_app, name="scenario")
-
-
-ParamOpt = Annotated[list[str], typer.Option(
-    "--param", help="Strategy hyper-parameter STRATEGY.NAME=VALUE, e.g. lwf.weight=5 (repeatable)")]
 
 
 def _strategy_params(items: list[str]) -> dict[str, str]:
@@ -166,17 +300,8 @@ def _strategy_params(items: list[str]) -> dict[str, str]:
 
 
 def _continual_config(config: Optional[Path], set_: list[str], epochs: Optional[int]):
-    from everseg.learn import load_config, parse_override
-
-    overrides = dict(parse_override(s) for s in set_)
-    if epochs is not None:
-        overrides["train.epochs"] = epochs
-    overrides.setdefault("data.val_split", None)
-    return load_config(config, overrides)
-
-
-STRATEGY_HELP = ("finetune, ewc, mas, weighting, replay, lwf, ilt, mib, plop, mer or a '+' combination such as "
-                 "plop+replay")
+    # Scenario steps are measured on the test split: no validation split unless one is set.
+    return _config(config, ["data.val_split=none", *set_], **{"train.epochs": ("--epochs", epochs)})
 
 
 @app.command()
@@ -191,42 +316,33 @@ def learn(
     dataset: DatasetOpt = None,
     split: Annotated[str, typer.Option(help="Split with the new training images")] = "train",
     test_split: Annotated[str, typer.Option(help="Split to measure old/new classes on")] = "test",
+    base_data: Annotated[Optional[Path], typer.Option(
+        help="The data the model learned from, to fill an empty replay memory (default: what the model records)")
+    ] = None,
+    base_dataset: Annotated[Optional[str], typer.Option(help="--dataset of --base-data")] = None,
+    base_split: Annotated[str, typer.Option(help="Split of --base-data")] = "train",
     config: Annotated[Optional[Path], typer.Option(help="YAML config (augmentation, optimiser)")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Epochs over the new images")] = None,
     minutes: Annotated[Optional[float], typer.Option(help="Wall-time budget of the step, in minutes")] = None,
     memory_size: MemoryOpt = 20,
     param: ParamOpt = [],
     set_: SetOpt = [],
+    overwrite: OverwriteOpt = False,
     progress: ProgressOpt = True,
 ) -> None:
     """Teach an existing model new classes or new data; the new model records its parent."""
-    from everseg.data import DataError, open_dataset
-    from everseg.data.scenarios import align_labels, build_scenario
-    from everseg.learn.continual import class_incremental_spec, domain_spec, run_scenario
-    from everseg.learn.strategies import default_strategy
-    from everseg.workflows import load_trained_model, resolve_model_dir
+    from everseg.workflows import DataSource, parse_class_names, resolve_model_dir, teach
 
-    try:
-        model_dir = resolve_model_dir(model)
-        base = load_trained_model(model_dir)
-        cfg = _continual_config(config, set_, epochs)
-        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={
-            "arch": base.config.arch, "backbone": base.config.backbone, "output_stride": base.config.output_stride})})
-        pool = open_dataset(data, dataset=dataset, split=split)
-        test = open_dataset(data, dataset=dataset, split=test_split)
-        if new_classes:
-            spec = class_incremental_spec(base.label_space.names, [c.strip() for c in new_classes.split(",")])
-        else:  # same classes, new data: speak the model's class ids
-            spec = domain_spec()
-            pool, test = align_labels(pool, base.label_space), align_labels(test, base.label_space)
-        scenario = build_scenario(spec, pool, test, base_trained=True)
-        strategy = strategy or default_strategy(bool(new_classes))
-        report = run_scenario(scenario, strategy, cfg, out, base_model=model_dir, memory_size=memory_size,
-                              step_minutes=minutes, params=_strategy_params(param), progress=progress)
-    except (DataError, ValueError, FileNotFoundError) as exc:
-        _fail(str(exc))
-    report.print_table(Console())
-    console.print(f"new model: {out / 'model'} (parent: {model_dir})")
+    names = parse_class_names(new_classes) if new_classes is not None else None
+    if minutes is not None and not 0 < minutes < float("inf"):
+        raise ValueError(f"--minutes {minutes}: must be a positive number")
+    source = DataSource(str(base_data), base_dataset, base_split) if base_data is not None else None
+    report = teach(model, data, out, new_classes=names, strategy=strategy, dataset=dataset, split=split,
+                   test_split=test_split, config=_continual_config(config, set_, epochs), minutes=minutes,
+                   memory_size=memory_size, params=_strategy_params(param), base_data=source,
+                   overwrite=overwrite, progress=progress)
+    report.print_table(Console(soft_wrap=True))
+    console.print(f"new model: {out / 'model'} (parent: {resolve_model_dir(model).resolve()})")
 
 
 @scenario_app.command("run")
@@ -242,72 +358,61 @@ def scenario_run(
     config: Annotated[Optional[Path], typer.Option(help="YAML config (model, augmentation, optimiser)")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Epochs of step 0")] = None,
     step_epochs: Annotated[Optional[int], typer.Option(
-        help="Epochs of each later step (default: as step 0; joint always retrains like step 0)")] = None,
+        min=1, help="Epochs of each later step (default: as step 0; joint always retrains like step 0)")] = None,
     step_minutes: Annotated[Optional[float], typer.Option(
         help="Wall-time budget of each later step (default: train.max_minutes)")] = None,
     base_model: Annotated[Optional[Path], typer.Option(help="A model that already learned step 0")] = None,
     memory_size: MemoryOpt = 20,
     param: ParamOpt = [],
     set_: SetOpt = [],
+    overwrite: OverwriteOpt = False,
     progress: ProgressOpt = True,
 ) -> None:
     """Run every step of a scenario with a strategy and write the continual metrics."""
-    from everseg.data import DataError, open_dataset
-    from everseg.data.protocols import get_protocol
-    from everseg.data.scenarios import ScenarioSpec, build_scenario
-    from everseg.learn.continual import run_scenario
-    from everseg.learn.strategies import default_strategy
+    from everseg.workflows import run_named_scenario
 
-    if (protocol is None) == (scenario is None):
-        _fail("give exactly one of --protocol and --scenario")
-    try:
-        spec = get_protocol(protocol) if protocol else ScenarioSpec.from_yaml(scenario)
-        kind = dataset or spec.dataset
-        pool = open_dataset(data, dataset=kind, split=spec.train_split)
-        test = open_dataset(data, dataset=kind, split=spec.test_split)
-        sc = build_scenario(spec, pool, test, base_dir=scenario.parent if scenario else None,
-                            base_trained=base_model is not None)
-        cfg = _continual_config(config, set_, epochs)
-        strategy = strategy or default_strategy(spec.kind == "class")
-        report = run_scenario(sc, strategy, cfg, out, step_epochs=step_epochs, step_minutes=step_minutes,
-                              base_model=base_model, params=_strategy_params(param), memory_size=memory_size,
-                              progress=progress)
-    except (DataError, ValueError, FileNotFoundError) as exc:
-        _fail(str(exc))
-    report.print_table(Console())
+    if step_minutes is not None and not 0 < step_minutes < float("inf"):
+        raise ValueError(f"--step-minutes {step_minutes}: must be a positive number")
+    report = run_named_scenario(data, out, protocol=protocol, scenario=scenario, strategy=strategy,
+                                dataset=dataset, config=_continual_config(config, set_, epochs),
+                                step_epochs=step_epochs, step_minutes=step_minutes, base_model=base_model,
+                                memory_size=memory_size, params=_strategy_params(param), overwrite=overwrite,
+                                progress=progress)
+    report.print_table(Console(soft_wrap=True))
     console.print(f"results: {out / 'results.json'}, {out / 'results.md'}, {out / 'iou_across_steps.png'}")
 
 
 @data_app.command("check")
 def data_check(
+    ctx: typer.Context,
     path: Annotated[Path, typer.Argument(help="Dataset root")],
     dataset: DatasetOpt = None,
 ) -> None:
     """Validate every image/mask pair and print class pixel frequencies; exit 1 on problems."""
-    from everseg.data import DataError, check_dataset
+    from everseg.data import check_dataset
     from everseg.data.check import print_report
 
-    try:
-        report = check_dataset(path, dataset=dataset)
-    except (DataError, ValueError, FileNotFoundError) as exc:
-        _fail(str(exc), code=1)
-    print_report(report, Console())
+    ctx.find_root().error_code = 1  # a check that finds problems exits 1
+    report = check_dataset(path, dataset=dataset)
+    print_report(report, Console(soft_wrap=True))
     if not report.ok:
         raise typer.Exit(1)
 
 
 @data_app.command("fetch")
 def data_fetch(
+    ctx: typer.Context,
     name: Annotated[str, typer.Argument(help="Dataset to download (camvid)")],
     dest: Annotated[Path, typer.Option(help="Where to put it")] = Path("data"),
 ) -> None:
     """Download a public dataset (needs internet) and verify it."""
     from everseg.data import fetch_dataset
 
+    ctx.find_root().error_code = 1
     try:
         where = fetch_dataset(name, dest)
     except Exception as exc:  # network errors come in many types; all end the same way for the user
-        _fail(str(exc), code=1)
+        _fail(_message(exc), code=1)
     console.print(f"{name} is in {where}")
 
 

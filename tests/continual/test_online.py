@@ -77,7 +77,7 @@ def test_every_kth_image_is_held_out_and_scored_from_then_on(setup):
 
     parts = [evaluate(learner.model, d, progress=False).metrics.confusion
              for d in (holdout, learner._held_out_set(learner._held_out))]
-    expected = 100 * SegmentationMetrics.from_confusion(parts[0] + parts[1]).miou
+    expected = SegmentationMetrics.from_confusion(parts[0] + parts[1]).miou
     assert learner.holdout_miou == pytest.approx(expected, abs=1e-6)
     assert learner.holdout_miou != pytest.approx(before, abs=1e-9)
     with pytest.raises(ValueError, match="holdout_every"):

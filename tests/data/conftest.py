@@ -21,15 +21,18 @@ from data_testkit import (CAMVID, CAMVID_NAMES, CAMVID_STEMS, ISBI, ISBI_STEMS, 
                           camvid_as_train_ids, cityscapes_label_ids, crop, need, save,
                           save_palette_png, voc_ids)
 from everseg.data.voc import VOC_PALETTE, voc_colormap
+from everseg.samples import camvid_mini
 
 @pytest.fixture(scope="session")
 def camvid_crops() -> list[tuple[str, np.ndarray, np.ndarray]]:
-    """(stem, RGB image 30x40x3, raw CamVid ids 30x40 incl. 11 = unlabelled) from real files."""
-    need(CAMVID)
+    """(stem, RGB image 30x40x3, raw CamVid ids 30x40 incl. 11 = unlabelled) from the real
+    images of the embedded sample (which stores unlabelled as 255, SegNet's files as 11)."""
+    sample = camvid_mini()
     out = []
     for stem in CAMVID_STEMS:
-        img = np.asarray(Image.open(CAMVID / "train" / f"{stem}.png").convert("RGB"))
-        mask = np.asarray(Image.open(CAMVID / "trainannot" / f"{stem}.png"))
+        img = np.asarray(Image.open(sample / "images" / f"{stem}.jpg").convert("RGB"))
+        mask = np.array(Image.open(sample / "masks" / f"{stem}.png"))
+        mask[mask == 255] = 11
         out.append((stem, crop(img), crop(mask)))
     return out
 
@@ -37,7 +40,7 @@ def camvid_crops() -> list[tuple[str, np.ndarray, np.ndarray]]:
 @pytest.fixture(scope="session")
 def isbi_crops() -> list[tuple[str, np.ndarray, np.ndarray]]:
     """(stem, grayscale 30x40, 0/255 mask 30x40) from real ISBI-EM slices."""
-    need(ISBI)
+    need(ISBI, "real 8-bit grayscale EM slices with 0/255 membrane masks, as distributed; not embedded")
     out = []
     for stem in ISBI_STEMS:
         img = np.asarray(Image.open(ISBI / "images" / f"{stem}.png"))
@@ -58,7 +61,7 @@ def make_folder(tmp_path: Path) -> Callable[..., Path]:
 def isbi_folder(tmp_path_factory, isbi_crops) -> Path:
     """ISBI-EM crops in the folder format: 0/255 masks, classes.txt with 2 names (messy spacing)."""
     root = tmp_path_factory.mktemp("isbi")
-    return build_folder(root, isbi_crops, "\nmembrane  \n\n cell\t\n\n")
+    return build_folder(root, isbi_crops, "\nmembrane  \n cell\t\n\n")
 
 
 @pytest.fixture(scope="session")

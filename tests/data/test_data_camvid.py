@@ -12,7 +12,7 @@ from data_testkit import CAMVID, need
 
 @pytest.fixture(scope="module")
 def camvid_root():
-    return need(CAMVID)
+    return need(CAMVID, "the SegNet CamVid files: split sizes and sequences of the real dataset")
 
 
 @pytest.mark.parametrize("split, count", [("train", 367), ("val", 101), ("test", 233), ("trainval", 468)])

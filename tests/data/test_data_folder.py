@@ -22,7 +22,7 @@ def expected_ids(raw: np.ndarray) -> np.ndarray:
 # -- ISBI-EM: binary 0/255 masks -----------------------------------------------------------------
 def test_isbi_binary_masks_become_two_classes(isbi_folder, isbi_crops):
     ds = load_folder(isbi_folder, "all", cache="none")
-    assert ds.label_space.names == ("membrane", "cell")  # blank lines and spaces ignored
+    assert ds.label_space.names == ("membrane", "cell")  # spaces, leading and trailing blank lines ignored
     assert [s.stem for s in ds.samples] == ["0", "1", "2", "10"]  # natural order
     assert all(s.group == "" for s in ds.samples)
     assert "auto-detected binary" in ds.mask_mapping.description
@@ -73,7 +73,8 @@ def test_missing_split_list_is_a_clear_error(camvid_folder, isbi_folder):
     assert err.value.path == camvid_folder / "test.txt" and "no 'test' split" in str(err.value)
     with pytest.raises(DataError) as err:
         load_folder(isbi_folder, "val")
-    assert err.value.path == isbi_folder / "val.txt" and "split='all'" in str(err.value)
+    assert err.value.path == isbi_folder / "val.txt" and "write val.txt" in str(err.value)
+    assert "split=" not in str(err.value)  # no Python syntax in a message the command line shows
 
 
 def test_list_entry_without_files_names_the_list(make_folder, isbi_crops):
@@ -87,10 +88,31 @@ def test_list_entry_without_files_names_the_list(make_folder, isbi_crops):
 
 
 def test_duplicate_class_names(make_folder, isbi_crops):
-    root = make_folder("dupes", isbi_crops[:1], "road\nsky\n\nroad  \n")
+    root = make_folder("dupes", isbi_crops[:1], "road\nsky\n# a comment\nroad  \n")
     with pytest.raises(DataError) as err:
         load_folder(root, "all")
     assert err.value.path == root / "classes.txt" and "line 4: duplicate class name 'road'" in str(err.value)
+
+
+def test_a_blank_line_between_classes_is_an_error_not_a_shift(make_folder, camvid_crops):
+    # "line i = class id i": skipping the blank line would make Pole id 2 instead of 3.
+    root = make_folder("blank", camvid_crops[:1], "Sky\nBuilding\n\nPole\n", yaml_text="ignore_values: [11]\n")
+    with pytest.raises(DataError) as err:
+        load_folder(root, "all")
+    assert err.value.path == root / "classes.txt" and "line 3 is blank" in str(err.value)
+    (root / "classes.txt").write_text("# CamVid\n\nSky\nBuilding\nPole\n\n\n")  # comments, edges: fine
+    assert load_folder(root, "all", cache="none").label_space.names == ("Sky", "Building", "Pole")
+
+
+def test_trainval_joins_train_and_val_lists_or_takes_all(camvid_folder, isbi_folder, make_folder, camvid_crops):
+    both = load_folder(camvid_folder, "trainval", cache="none")
+    assert [s.stem for s in both.samples] == [s for s, _, _ in camvid_crops]  # train.txt then val.txt
+    assert len(load_folder(isbi_folder, "trainval", cache="none")) == 4  # no lists: every image
+    stems = [s for s, _, _ in camvid_crops]
+    only_train = make_folder("only_train", camvid_crops, "\n".join(CAMVID_NAMES) + "\n",
+                             yaml_text="ignore_values: [11]\n", lists={"train": stems[0] + "\n",
+                                                                       "test": stems[1] + "\n"})
+    assert [s.stem for s in load_folder(only_train, "trainval", cache="none").samples] == [stems[0]]
 
 
 def test_missing_classes_txt(make_folder, isbi_crops, tmp_path):

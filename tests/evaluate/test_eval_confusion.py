@@ -89,12 +89,12 @@ def test_matches_torchmetrics_on_random_labels():
 
     # MeanIoU has no ignore index; with one image its per-class IoU is the dataset IoU.
     tm_iou = MeanIoU(num_classes=n, per_class=True, input_format="index")(pred, target)
-    np.testing.assert_allclose(m.iou, tm_iou.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(m.iou, 100 * tm_iou.numpy(), rtol=1e-5)
     kwargs = dict(num_classes=n, average=None, ignore_index=255)
-    np.testing.assert_allclose(m.iou, MulticlassJaccardIndex(**kwargs)(pred, target), rtol=1e-5)
-    np.testing.assert_allclose(m.dice, MulticlassF1Score(**kwargs)(pred, target), rtol=1e-5)
-    np.testing.assert_allclose(m.precision, MulticlassPrecision(**kwargs)(pred, target), rtol=1e-5)
-    np.testing.assert_allclose(m.recall, MulticlassRecall(**kwargs)(pred, target), rtol=1e-5)
+    np.testing.assert_allclose(m.iou, 100 * MulticlassJaccardIndex(**kwargs)(pred, target).numpy(), rtol=1e-5)
+    np.testing.assert_allclose(m.dice, 100 * MulticlassF1Score(**kwargs)(pred, target).numpy(), rtol=1e-5)
+    np.testing.assert_allclose(m.precision, 100 * MulticlassPrecision(**kwargs)(pred, target).numpy(), rtol=1e-5)
+    np.testing.assert_allclose(m.recall, 100 * MulticlassRecall(**kwargs)(pred, target).numpy(), rtol=1e-5)
 
 
 def test_matches_torchmetrics_jaccard_with_ignore_pixels():
@@ -108,4 +108,4 @@ def test_matches_torchmetrics_jaccard_with_ignore_pixels():
     target[torch.rand(target.shape, generator=g) < 0.2] = 255
     m = ConfusionMatrix(n).update(pred, target).compute()
     expected = MulticlassJaccardIndex(num_classes=n, average=None, ignore_index=255)(pred, target)
-    np.testing.assert_allclose(m.iou, expected.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(m.iou, 100 * expected.numpy(), rtol=1e-5)

@@ -207,7 +207,7 @@ def test_evaluate_scores_a_perfect_model_at_100():
     ls = LabelSpace(("a", "b", "c"))
     result = evaluate(Oracle(), ListDataset(items, ls), mode="slide", crop_size=4, stride=3,
                       flip=True, progress=False)
-    assert result.metrics.miou == pytest.approx(1.0)
+    assert result.metrics.miou == pytest.approx(100.0)
     assert result.metrics.num_pixels == sum(int((it["mask"] != 255).sum()) for it in items)
 
 

@@ -158,7 +158,7 @@ class FixedModel(Plugin):
 
 
 def test_early_stopping_stops_when_miou_stalls(tiny_camvid, tmp_path):
-    cfg = tiny_config(tiny_camvid, **{"train.epochs": 6, "train.early_stopping": 2, "optim.lr": 0.0})
+    cfg = tiny_config(tiny_camvid, **{"train.epochs": 6, "train.early_stopping": 2, "optim.lr": 1e-12})
     result = make_trainer(cfg, tmp_path / "run", plugins=[FixedModel()]).fit()
     assert result.stopped_early and result.epochs_run == 3  # best at epoch 0, then 2 stale validations
     assert result.best_epoch == 0
@@ -232,3 +232,17 @@ def test_a_diverging_loss_stops_training_with_the_term_named(tiny_camvid, tmp_pa
     cfg = tiny_config(tiny_camvid, **{"data.val_split": None, "train.epochs": 1})
     with pytest.raises(FloatingPointError, match=r"epoch 1, step \d+: the loss is not finite.*boom="):
         make_trainer(cfg, tmp_path / "run", plugins=[Explode()]).fit()
+
+
+def test_the_data_summary_counts_threads_in_words(tiny_camvid, tmp_path):
+    cfg = tiny_config(tiny_camvid, **{"train.threads": 1})
+    train, val = build_datasets(cfg)
+    from everseg.models import create_model
+
+    model = create_model(arch="lraspp", backbone="mobilenet_v2", label_space=train.label_space, pretrained=False)
+    before = torch.get_num_threads()
+    try:
+        summary = Trainer(model, train, val, cfg, tmp_path / "run", progress=False)._data_summary()
+    finally:
+        torch.set_num_threads(before)
+    assert summary.endswith("1 thread")

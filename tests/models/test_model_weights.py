@@ -316,3 +316,14 @@ def test_unreadable_file(tmp_path: Path) -> None:
 def test_every_builtin_backbone_has_a_weights_source() -> None:
     for name in BACKBONES:
         assert hub_cache_path(name).name.endswith(".pth")
+
+
+@needs_mobilenet
+def test_pretrained_imagenet_is_spelled_as_timm_and_smp_users_do():
+    from everseg.models import create_model
+
+    a = create_model(arch="lraspp", backbone="mobilenet_v2", num_classes=2, pretrained="imagenet")
+    b = create_model(arch="lraspp", backbone="mobilenet_v2", num_classes=2, pretrained=True)
+    sa, sb = a.state_dict(), b.state_dict()
+    backbone = [k for k in sa if k.startswith("backbone.")]
+    assert backbone and all(torch.equal(sa[k], sb[k]) for k in backbone)

@@ -300,6 +300,7 @@ def _sizes(counter: Counter, top: int = 3) -> str:
 def print_report(report: CheckReport, console: Any = None, *, max_rows: int = 30) -> None:
     """Render ``report`` as rich tables (splits, class frequencies, problems, warnings)."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = console or Console()
@@ -346,14 +347,17 @@ def print_report(report: CheckReport, console: Any = None, *, max_rows: int = 30
         console.print(f"Decoded cache would take {format_bytes(report.cache_bytes)}")
 
     if report.problems:
-        t = Table(title=f"Problems ({report.num_problems})")
-        t.add_column("split")
-        t.add_column("file", overflow="fold")
-        t.add_column("problem", overflow="fold")
-        for p in report.problems[:max_rows]:
-            t.add_row(p.split or "-", str(p.path) if p.path is not None else "-", p.message)
-        console.print(t)
-        hidden = report.num_problems - min(len(report.problems), max_rows)
+        # One line per problem, not a table: a path must never be folded across lines, so the
+        # lines can be grepped and copied from a log. A problem every split shares is one line.
+        splits: dict[tuple[str, str], list[str]] = {}
+        for p in report.problems:
+            splits.setdefault((str(p.path) if p.path is not None else "", p.message), []).append(p.split or "")
+        for (path, message), where in list(splits.items())[:max_rows]:
+            named = ", ".join(w for w in where if w)
+            line = f"{path}: {message}" if path else message
+            console.print(f"[red]error:[/red] {escape(line)}" + (f"  ({escape(named)})" if named else ""),
+                          soft_wrap=True)
+        hidden = len(splits) - min(len(splits), max_rows)
         if hidden > 0:
             console.print(f"... and {hidden} more problem(s)")
     for w in report.warnings:

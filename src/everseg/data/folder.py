@@ -5,7 +5,9 @@ Layout::
     root/
       images/        x.png | x.jpg | x.jpeg        (any size; grayscale and 16-bit are fine)
       masks/         x.png                         (same stem as its image; PNG only)
-      classes.txt    one class per line, line i = class id i (blank lines and # comments skipped)
+      classes.txt    one class per line in class-id order: the first class is id 0, the next id 1, ...
+                     (# comment lines are not classes; a blank line between classes is an error,
+                     since it would silently shift every later id)
       train.txt      optional split lists: one stem per line (a file name or path also works)
       val.txt
       test.txt
@@ -14,9 +16,10 @@ Layout::
 ``classes.txt`` lines are either ``name`` or ``name R G B`` (a colour per class;
 names may contain spaces: ``traffic light 250 170 30``). Duplicate names are an error.
 
-Splits: without any list file, ``split="all"`` and ``split="train"`` both give every
-image. With lists, ``split`` reads ``<split>.txt`` and asking for a split that has no
-list is an error; ``"all"`` is always every image in ``images/``.
+Splits: without any list file, ``split="all"``, ``"train"`` and ``"trainval"`` all give
+every image. With lists, ``split`` reads ``<split>.txt`` and asking for a split that has no
+list is an error; ``"trainval"`` joins ``train.txt`` and ``val.txt``, whichever exist;
+``"all"`` is always every image in ``images/``.
 
 Mask encodings (``mask_format``):
 
@@ -70,7 +73,7 @@ from everseg.data.io import IMAGE_SUFFIXES, read_mask
 from everseg.data.labelspace import IGNORE_INDEX, LabelSpace
 from everseg.data.masks import MaskMapping
 
-FOLDER_SPLITS = ("train", "val", "test", "all")
+FOLDER_SPLITS = ("train", "val", "test", "trainval", "all")
 FOLDER_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 MASK_FORMATS = ("index", "values", "rgb")
 CONFIG_NAME = "everseg.yaml"
@@ -110,10 +113,18 @@ def read_classes(path: Path) -> tuple[list[str], list[RGB] | None]:
     names: list[str] = []
     colours: list[RGB | None] = []
     first_line: dict[str, int] = {}
-    for lineno, line in enumerate(text.splitlines(), 1):
+    lines = text.splitlines()
+    while lines and not lines[-1].strip():  # trailing blank lines shift nothing
+        lines.pop()
+    for lineno, line in enumerate(lines, 1):
         parts = line.split()
-        if not parts or parts[0].startswith("#"):
+        if parts and parts[0].startswith("#"):
             continue
+        if not parts:
+            if names:
+                raise DataError(path, f"line {lineno} is blank: class ids follow the lines, so a blank line "
+                                      f"would shift every later class; remove it or name the class")
+            continue  # blank lines before the first class shift nothing either
         colour = None
         if len(parts) >= 4 and all(re.fullmatch(r"\d+", p) for p in parts[-3:]):
             rgb = tuple(int(p) for p in parts[-3:])
@@ -358,24 +369,27 @@ def load_folder(root: str | Path, split: str = "train", *, mask_format: str | No
         problems.append(DataError(masks[stem], f"has no image (expected images/{stem}.png or .jpg)"))
 
     lists = {s: root / f"{s}.txt" for s in ("train", "val", "test") if (root / f"{s}.txt").is_file()}
-    if split == "all" or (split == "train" and not lists):
+    parts = [s for s in ("train", "val") if s in lists] if split == "trainval" else [split]
+    if split == "all" or (split in ("train", "trainval") and not lists):
         stems = sorted(images, key=natural_key)
-    elif split in lists:
+    elif parts and all(p in lists for p in parts):
         stems = []
-        first: dict[str, int] = {}
-        for lineno, stem in read_list(lists[split], whole_line=True):
-            if stem in first:
-                problems.append(DataError(lists[split], f"line {lineno}: {stem!r} is listed twice "
-                                                        f"(also line {first[stem]})"))
-            elif stem not in images:
-                problems.append(DataError(lists[split], f"line {lineno}: {stem!r} has no image in images/"))
-            elif stem in masks:
-                stems.append(stem)
-            first.setdefault(stem, lineno)
+        for part in parts:
+            first: dict[str, int] = {}
+            for lineno, stem in read_list(lists[part], whole_line=True):
+                if stem in first:
+                    problems.append(DataError(lists[part], f"line {lineno}: {stem!r} is listed twice "
+                                                           f"(also line {first[stem]})"))
+                elif stem not in images:
+                    problems.append(DataError(lists[part], f"line {lineno}: {stem!r} has no image in images/"))
+                elif stem in masks and stem not in stems:
+                    stems.append(stem)
+                first.setdefault(stem, lineno)
     else:
         have = ", ".join(f"{s}.txt" for s in lists) or "no split lists"
-        raise DataError(root / f"{split}.txt", f"no '{split}' split: this folder has {have}; "
-                                               "use split='all' or write the list (one stem per line)")
+        wanted = "train.txt or val.txt" if split == "trainval" else f"{split}.txt"
+        raise DataError(root / f"{split}.txt", f"no '{split}' split: this folder has {have}; write {wanted} "
+                                               "(one image stem per line) or choose another split")
 
     def build(kwargs: dict[str, Any]) -> SegmentationDataset:
         good = [s for s in stems if s in masks]

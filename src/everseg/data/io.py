@@ -18,13 +18,32 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 def _open(path: Path) -> Image.Image:
     if not path.is_file():
-        raise DataError(path, "file does not exist")
+        raise DataError(path, "is a folder, not an image file" if path.is_dir() else "file does not exist")
     try:
         img = Image.open(path)
         img.load()
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+    except Image.DecompressionBombError as exc:
+        raise DataError(path, f"too large to decode safely ({exc})") from exc
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise DataError(path, f"cannot be read as an image ({exc})") from exc
     return img
+
+
+def check_labelled_pair(image: np.ndarray, mask: np.ndarray, num_classes: int, ignore_index: int = 255,
+                        what: str = "image") -> None:
+    """Raise ValueError unless ``image`` is RGB uint8 ``H x W x 3`` and ``mask`` a uint8 or integer
+    ``H x W`` array of class ids below ``num_classes`` (or ``ignore_index``)."""
+    image, mask = np.asarray(image), np.asarray(mask)
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"{what}: expected an RGB uint8 H x W x 3 array, got {image.dtype} {image.shape}")
+    if mask.shape != image.shape[:2]:
+        raise ValueError(f"{what}: the mask is {mask.shape}, the image {image.shape[:2]}: they must be the same size")
+    if not np.issubdtype(mask.dtype, np.integer):
+        raise ValueError(f"{what}: the mask must hold integer class ids, got {mask.dtype}")
+    bad = np.unique(mask[(mask != ignore_index) & ((mask < 0) | (mask >= num_classes))])
+    if bad.size:
+        raise ValueError(f"{what}: mask values {bad[:8].tolist()} are outside the class ids 0..{num_classes - 1} "
+                         f"(and {ignore_index} = unlabelled)")
 
 
 def _to_uint8(arr: np.ndarray, path: Path) -> np.ndarray:

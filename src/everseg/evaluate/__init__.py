@@ -21,7 +21,9 @@ from everseg.evaluate.plots import (
     plot_confusion_matrix,
     plot_per_class_iou,
     save_comparison,
+    with_legend,
 )
+from everseg.evaluate.tiled import predict_image
 from everseg.evaluate.report import (
     metrics_markdown,
     print_metrics_table,
@@ -41,9 +43,11 @@ __all__ = [
     "plot_confusion_matrix",
     "plot_per_class_iou",
     "predict",
+    "predict_image",
     "predict_logits",
     "predict_probabilities",
     "print_metrics_table",
     "save_comparison",
+    "with_legend",
     "write_metrics_json",
 ]

@@ -10,7 +10,7 @@ computed.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterable
 
 import numpy as np
 import torch
@@ -38,7 +38,7 @@ class ConfusionMatrix:
 
     >>> cm = ConfusionMatrix(3)
     >>> cm.update(pred, target)   # any matching shapes, e.g. N x H x W
-    >>> cm.compute().miou
+    >>> cm.compute().miou   # percent, like every score in everseg
     """
 
     def __init__(self, num_classes: int, ignore_index: int = 255,
@@ -142,11 +142,12 @@ class ConfusionMatrix:
         return self
 
     # ------------------------------------------------------------------ results
-    def compute(self) -> "SegmentationMetrics":
-        """IoU, Dice, precision, recall and the rest, from the counts so far."""
+    def compute(self, classes: Iterable[int] | None = None) -> "SegmentationMetrics":
+        """IoU, Dice, precision, recall and the rest, from the counts so far (over ``classes``,
+        default all: see :meth:`SegmentationMetrics.from_confusion`)."""
         from everseg.evaluate.metrics import SegmentationMetrics
 
-        return SegmentationMetrics.from_confusion(self._matrix)
+        return SegmentationMetrics.from_confusion(self._matrix, classes)
 
     def state_dict(self) -> dict[str, Any]:
         return {"num_classes": self.num_classes, "ignore_index": self.ignore_index,

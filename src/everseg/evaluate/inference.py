@@ -363,7 +363,7 @@ def evaluate(model: nn.Module, dataset: Any, *, batch_size: int = 1, mode: Mode 
              crop_size: Size | None = None, stride: Size | None = None, flip: bool = False,
              scales: Sequence[float] = (1.0,), autocast_bf16: bool = False,
              channels_last: bool = False, label_space: "LabelSpace | None" = None,
-             num_workers: int = 0, max_images: int | None = None, progress: bool = True,
+             score_classes: Sequence[int] | None = None, num_workers: int = 0, max_images: int | None = None, progress: bool = True,
              on_batch: Callable[[list[dict[str, Any]], torch.Tensor], None] | None = None,
              ) -> EvaluationResult:
     """Predict every item of ``dataset`` and score the predictions against its masks.
@@ -382,6 +382,8 @@ def evaluate(model: nn.Module, dataset: Any, *, batch_size: int = 1, mode: Mode 
     e.g. to save overlays. ``progress`` shows a rich bar on a terminal and a few
     plain lines on stderr otherwise. Under ``torch.distributed``, give each process
     its own shard: the counts are summed over processes at the end.
+    ``score_classes``: class ids the scores cover (default all); see
+    :meth:`SegmentationMetrics.from_confusion`.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -464,5 +466,5 @@ def evaluate(model: nn.Module, dataset: Any, *, batch_size: int = 1, mode: Mode 
             raise ValueError("the dataset is empty and there is no label space to size the metrics")
         confusion = ConfusionMatrix(space.num_classes, ignore_index, device=device)
     confusion.reduce_across_processes()
-    return EvaluationResult(metrics=confusion.compute(), confusion=confusion, label_space=space,
+    return EvaluationResult(metrics=confusion.compute(score_classes), confusion=confusion, label_space=space,
                             num_images=num_images, seconds=seconds, settings=settings)

@@ -25,8 +25,9 @@ appears in neither gets NaN and is **left out of every mean**: ``miou`` and
 Frequency-weighted IoU weighs each class's IoU by its share of true pixels,
 so classes absent from the truth carry no weight.
 
-Values are fractions in ``[0, 1]`` on the object; :meth:`SegmentationMetrics.to_dict`
-reports percentages (0-100) and writes NaN as JSON ``null``.
+Every score is in **percent** (0-100), on the object as in the tables, JSON files and
+command-line output of everseg: one unit everywhere. :meth:`SegmentationMetrics.to_dict`
+writes NaN as JSON ``null``.
 """
 
 from __future__ import annotations
@@ -57,8 +58,8 @@ def _nanmean(values: np.ndarray) -> float:
     return float(finite.mean()) if finite.size else math.nan
 
 
-def _percent(x: float) -> float | None:
-    return None if math.isnan(x) else 100.0 * float(x)
+def _json_number(x: float) -> float | None:
+    return None if math.isnan(x) else float(x)
 
 
 def class_names_for(num_classes: int, label_space: "LabelSpace | None") -> tuple[str, ...]:
@@ -80,7 +81,7 @@ class SegmentationMetrics:
     """All scores of one evaluation; per-class arrays are float64 of length ``num_classes``.
 
     Build it with :meth:`from_confusion` (or ``ConfusionMatrix.compute()``).
-    Fractions in ``[0, 1]``; NaN marks an undefined value (see the module docstring).
+    Percent (0-100); NaN marks an undefined value (see the module docstring).
     """
 
     confusion: np.ndarray  # int64 num_classes x num_classes, rows = truth, cols = prediction
@@ -96,8 +97,13 @@ class SegmentationMetrics:
     num_pixels: int  # pixels counted (ignore pixels excluded)
 
     @classmethod
-    def from_confusion(cls, matrix: Any) -> "SegmentationMetrics":
-        """Compute every score from a square count matrix (torch tensor, numpy array or list)."""
+    def from_confusion(cls, matrix: Any, classes: Iterable[int] | None = None) -> "SegmentationMetrics":
+        """Compute every score from a square count matrix (torch tensor, numpy array or list).
+
+        ``classes``: the class ids to score (default all). The others get NaN everywhere and
+        so stay out of every mean: a model that knows more classes than the data labels
+        (a background class added by incremental learning) is scored on the data's classes.
+        """
         if isinstance(matrix, torch.Tensor):
             m = matrix.detach().cpu().to(torch.int64).numpy()
         else:
@@ -116,16 +122,21 @@ class SegmentationMetrics:
         pred_px = m.sum(axis=0).astype(np.float64)
         total = float(true_px.sum())
 
-        iou = _ratio(tp, true_px + pred_px - tp)
-        dice = _ratio(2.0 * tp, true_px + pred_px)
-        precision = _ratio(tp, pred_px)
-        recall = _ratio(tp, true_px)
+        iou = 100.0 * _ratio(tp, true_px + pred_px - tp)
+        dice = 100.0 * _ratio(2.0 * tp, true_px + pred_px)
+        precision = 100.0 * _ratio(tp, pred_px)
+        recall = 100.0 * _ratio(tp, true_px)
+        if classes is not None:
+            unscored = np.ones(m.shape[0], dtype=bool)
+            unscored[np.asarray(list(classes), dtype=np.int64)] = False
+            for values in (iou, dice, precision, recall):
+                values[unscored] = np.nan
 
         if total > 0:
             freq = true_px / total
             present = true_px > 0  # IoU is defined for all of these
-            fwiou = float((freq[present] * iou[present]).sum())
-            pixel_accuracy = float(tp.sum() / total)
+            fwiou = float(np.nansum(freq[present] * iou[present]))
+            pixel_accuracy = float(100.0 * tp.sum() / total)
         else:
             fwiou = pixel_accuracy = math.nan
 
@@ -177,7 +188,7 @@ class SegmentationMetrics:
 
     def to_dict(self, label_space: "LabelSpace | None" = None, *,
                 include_confusion: bool = False) -> dict[str, Any]:
-        """A JSON-ready dict with **percent** values (0-100); undefined values are ``None``.
+        """A JSON-ready dict (percent values, 0-100); undefined values are ``None``.
 
         Per-class entries are ``{class name: value}`` in class order; without a
         label space the names are the class ids as strings.
@@ -185,14 +196,14 @@ class SegmentationMetrics:
         names = class_names_for(self.num_classes, label_space)
 
         def per_class(values: Sequence[float]) -> dict[str, float | None]:
-            return {name: _percent(v) for name, v in zip(names, values)}
+            return {name: _json_number(v) for name, v in zip(names, values)}
 
         out: dict[str, Any] = {
-            "miou": _percent(self.miou),
-            "mean_dice": _percent(self.mean_dice),
-            "pixel_accuracy": _percent(self.pixel_accuracy),
-            "mean_class_accuracy": _percent(self.mean_class_accuracy),
-            "fwiou": _percent(self.fwiou),
+            "miou": _json_number(self.miou),
+            "mean_dice": _json_number(self.mean_dice),
+            "pixel_accuracy": _json_number(self.pixel_accuracy),
+            "mean_class_accuracy": _json_number(self.mean_class_accuracy),
+            "fwiou": _json_number(self.fwiou),
             "num_pixels": self.num_pixels,
             "num_classes": self.num_classes,
             "per_class_iou": per_class(self.iou),
@@ -207,7 +218,7 @@ class SegmentationMetrics:
 
     def __repr__(self) -> str:
         def f(x: float) -> str:
-            return "nan" if math.isnan(x) else f"{100 * x:.2f}%"
+            return "nan" if math.isnan(x) else f"{x:.2f}%"
 
         return (f"SegmentationMetrics(miou={f(self.miou)}, mean_dice={f(self.mean_dice)}, "
                 f"pixel_accuracy={f(self.pixel_accuracy)}, num_classes={self.num_classes}, "

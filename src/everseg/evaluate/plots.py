@@ -31,6 +31,7 @@ __all__ = [
     "plot_confusion_matrix",
     "plot_per_class_iou",
     "save_comparison",
+    "with_legend",
 ]
 
 
@@ -105,11 +106,50 @@ def overlay(image: Any, mask: Any, label_space: "LabelSpace", alpha: float = 0.5
     m = _mask_array(mask)
     if img.shape[:2] != m.shape:
         raise ValueError(f"image size {img.shape[:2]} != mask size {m.shape}")
-    colours = _lookup_table(label_space)[m].astype(np.float32)
-    labelled = (m < label_space.num_classes)[..., None]
-    blended = (1.0 - alpha) * img.astype(np.float32) + alpha * colours
-    out = np.where(labelled, blended, img.astype(np.float32))
-    return (out + 0.5).clip(0, 255).astype(np.uint8)
+    table = _lookup_table(label_space).astype(np.float32)
+    out = np.empty_like(img, dtype=np.uint8)
+    # In blocks of rows: float copies of a whole 6000 x 6000 photo would take 1.7 GB.
+    rows = max(1, 2**20 // max(1, img.shape[1]))
+    for top in range(0, img.shape[0], rows):
+        part, ids = img[top:top + rows].astype(np.float32), m[top:top + rows]
+        blended = (1.0 - alpha) * part + alpha * table[ids]
+        mixed = np.where((ids < label_space.num_classes)[..., None], blended, part)
+        out[top:top + rows] = (mixed + 0.5).clip(0, 255)
+    return out
+
+
+def with_legend(picture: np.ndarray, mask: Any, label_space: "LabelSpace") -> np.ndarray:
+    """``picture`` (uint8 ``H x W x 3``, e.g. an :func:`overlay`) with a legend on its right:
+    a colour swatch, name and share of the labelled pixels for each class in ``mask``,
+    largest first. The legend grows the picture downwards when it needs more height."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    m = _mask_array(mask)
+    counts = np.bincount(m[m < label_space.num_classes].ravel(), minlength=label_space.num_classes)
+    total = max(1, int(counts.sum()))
+    present = [int(c) for c in np.argsort(-counts, kind="stable") if counts[c] > 0]
+    h, w = picture.shape[:2]
+    row = max(14, min(28, round(h / 24)))
+    try:
+        font = ImageFont.load_default(size=row - 4)
+    except TypeError:  # Pillow without FreeType: the fixed bitmap font
+        font = ImageFont.load_default()
+    lines = [f"{label_space.names[c]}  {100 * counts[c] / total:.1f}%" for c in present] or ["no class"]
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    text_w = max(int(probe.textlength(t, font=font)) for t in lines)
+    pad = row // 3
+    panel_w = pad * 3 + row + text_w
+    height = max(h, pad * 2 + row * len(lines))
+    canvas = Image.new("RGB", (w + panel_w, height), "white")
+    canvas.paste(Image.fromarray(np.ascontiguousarray(picture)), (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    for k, text in enumerate(lines):
+        y = pad + k * row
+        if present:
+            colour = tuple(int(v) for v in label_space.palette[present[k]])
+            draw.rectangle([w + pad, y + 2, w + pad + row - 4, y + row - 2], fill=colour, outline=(60, 60, 60))
+        draw.text((w + pad * 2 + row, y + 1), text, fill=(20, 20, 20), font=font)
+    return np.asarray(canvas)
 
 
 # ---------------------------------------------------------------------------- figures
@@ -203,7 +243,7 @@ def plot_per_class_iou(path: str | os.PathLike[str], metrics: SegmentationMetric
     number of classes.
     """
     names = class_names_for(metrics.num_classes, label_space)
-    iou = metrics.iou * 100.0
+    iou = metrics.iou
     order = list(range(metrics.num_classes))
     if sort:
         order.sort(key=lambda i: (math.isnan(iou[i]), -np.nan_to_num(iou[i], nan=0.0)))
@@ -222,8 +262,8 @@ def plot_per_class_iou(path: str | os.PathLike[str], metrics: SegmentationMetric
         text = "n/a" if math.isnan(iou[i]) else f"{v:.1f}"
         ax.text(v + 1.0, y, text, va="center", fontsize=8)
     if not math.isnan(metrics.miou):
-        ax.axvline(100.0 * metrics.miou, color="0.2", linestyle="--", linewidth=1,
-                   label=f"mIoU {100.0 * metrics.miou:.1f}")
+        ax.axvline(metrics.miou, color="0.2", linestyle="--", linewidth=1,
+                   label=f"mIoU {metrics.miou:.1f}")
         ax.legend(loc="lower right", fontsize=8)
     ax.set_yticks(ypos, [names[i] for i in order], fontsize=8)
     ax.set_xlim(0, 110)

@@ -29,7 +29,7 @@ _DASH = "—"
 
 
 def _pct(x: float, decimals: int = 2) -> str:
-    return _DASH if x is None or math.isnan(x) else f"{100.0 * x:.{decimals}f}"
+    return _DASH if x is None or math.isnan(x) else f"{x:.{decimals}f}"
 
 
 def _summary_rows(metrics: SegmentationMetrics,

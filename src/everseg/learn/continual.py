@@ -20,8 +20,9 @@ from everseg.data.scenarios import Scenario, ScenarioSpec, Step
 from everseg.evaluate.continual import ContinualReport, StepRecord
 from everseg.learn.config import RunConfig
 from everseg.learn.memory import ReplayMemory
+from everseg.learn.rundir import claim_run_folder, clear_run_folder
 from everseg.learn.run import finetune_plugins, training_augmentation
-from everseg.learn.strategies import Strategy, build_strategies
+from everseg.learn.strategies import Strategy, build_strategies, check_combination
 from everseg.learn.strategies.base import ContinualContext
 from everseg.learn.trainer import Trainer, cpu_has_native_bf16
 
@@ -57,7 +58,7 @@ def evaluate_step(model: nn.Module, step: Step, bf16: bool) -> tuple[dict[str, f
     scored = list(step.scored_ids) or list(range(len(names)))
 
     def scored_iou(iou) -> dict[str, float | None]:
-        return {names[i]: (None if iou[i] != iou[i] else float(iou[i]) * 100) for i in scored}
+        return {names[i]: (None if iou[i] != iou[i] else float(iou[i])) for i in scored}
 
     total = None
     for view_name, view in step.tests.items():
@@ -81,6 +82,7 @@ def run_scenario(scenario: Scenario, strategy: str | Sequence[Strategy], cfg: Ru
                  step_epochs: int | None = None, step_minutes: float | None = None,
                  base_model: str | Path | None = None, params: Mapping[str, Any] | None = None,
                  memory_size: int = 20, memory_policy: str = "class_balanced",
+                 memory: ReplayMemory | None = None, overwrite: bool = False, name: str | None = None,
                  progress: bool = True) -> ContinualReport:
     """Train and test every step of ``scenario``; ``strategy`` is e.g. ``"mib"`` or ``"plop+replay"``.
 
@@ -94,21 +96,33 @@ def run_scenario(scenario: Scenario, strategy: str | Sequence[Strategy], cfg: Ru
     already learned step 0 (its classes must be step 0's): step 0 is then evaluated, not
     trained, so strategies can share one base. ``params`` sets strategy
     hyper-parameters by name, e.g. ``{"plop.pod_weight": 0.02}``.
+
+    ``memory``: the replay memory to start from (default: the base model's stored one, else
+    a new one that a base model's step 0 fills from step 0's images). ``out_dir`` must be
+    new or empty, or hold a run and ``overwrite`` be set; it must not hold ``base_model``.
+    ``name``: the strategy's name in the report (default: from ``strategy``).
     """
     from everseg.models import load_model, save_model
 
     out = Path(out_dir)
-    name = strategy if isinstance(strategy, str) else "+".join(s.name for s in strategy)
+    base_model = None if base_model is None else Path(base_model).resolve()
+    clear = claim_run_folder(out, overwrite=overwrite, protect=[base_model] if base_model else ())
+    if name is None:
+        name = strategy if isinstance(strategy, str) else "+".join(s.name for s in strategy)
     strategies = build_strategies(strategy, params) if isinstance(strategy, str) else list(strategy)
+    check_combination(strategies, cfg)
     joint = name == "joint"
-    memory = None
-    if any(s.uses_memory for s in strategies):
-        stored = None if base_model is None else Path(base_model) / "memory"
+    fill_from_step0 = False
+    if memory is None and any(s.uses_memory for s in strategies):
+        stored = None if base_model is None else base_model / "memory"
         if stored is not None and (stored / "memory.json").is_file():
             memory = ReplayMemory.load(stored)  # the base model's own memory: replay what it learned from
             memory.budget = memory_size
         else:
             memory = ReplayMemory(memory_size, policy=memory_policy, seed=cfg.train.seed)
+            fill_from_step0 = True
+    if clear:
+        clear_run_folder(out)
     head_init = "background" if any(s.head_init == "background" for s in strategies) else "random"
     bf16 = cfg.train.bf16 == "on" or (cfg.train.bf16 == "auto" and cpu_has_native_bf16())
     augment = training_augmentation(cfg)
@@ -148,9 +162,9 @@ def run_scenario(scenario: Scenario, strategy: str | Sequence[Strategy], cfg: Ru
                 raise ValueError(f"{base_model}: its classes {list(model.label_space.names)} are not step 0's "
                                  f"{list(step.label_space.names)}")
             seconds, seen = 0.0, 0
-            if memory is not None and not memory.items:
+            if fill_from_step0:
                 # A base trained without a memory: fill it from the images the base learned from,
-                # which this scenario has (``learn`` on a bare model has not, and starts empty).
+                # which a scenario has in its step 0 (``learn`` passes the memory it found instead).
                 memory.update(step.train, step=0)
         else:
             # Seeded before the model is built: a new head's initial weights are part of the run.
@@ -183,7 +197,7 @@ def run_scenario(scenario: Scenario, strategy: str | Sequence[Strategy], cfg: Ru
             wrap_up = time.perf_counter() - wrap_start
             seconds, seen = time.perf_counter() - start, fit.images_seen
         if t == 0 and base_model is not None:
-            model_dir = Path(base_model)  # learned elsewhere: the base itself is the parent of step 1
+            model_dir = base_model  # learned elsewhere: the base itself is the parent of step 1
         else:
             parent_meta = dict(getattr(old_model, "metadata", None) or {}) if old_model is not None else {}
             lineage = list(parent_meta.get("lineage", [])) + ([parent_dir] if parent_dir else [])
@@ -193,7 +207,7 @@ def run_scenario(scenario: Scenario, strategy: str | Sequence[Strategy], cfg: Ru
             save_model(model, model_dir)
             if memory is not None:
                 memory.save(model_dir / "memory")  # travels with the model it belongs to
-        parent_dir = str(model_dir)
+        parent_dir = str(model_dir.resolve())  # absolute: the lineage must not depend on the current folder
         class_iou, domain_miou = evaluate_step(model, step, bf16)
         names = step.label_space.names
         report.steps.append(StepRecord(

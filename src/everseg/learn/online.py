@@ -36,6 +36,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
 from everseg.data.dataset import SegmentationDataset
+from everseg.data.io import check_labelled_pair
 from everseg.data.transforms import AugmentConfig, train_transform
 from everseg.evaluate.metrics import SegmentationMetrics
 from everseg.learn.config import load_config
@@ -140,7 +141,7 @@ class OnlineLearner:
     @property
     def holdout_miou(self) -> float:
         """The current model's mIoU on the held-out set (given + held out from the stream)."""
-        return 100.0 * SegmentationMetrics.from_confusion(self._confusion).miou
+        return SegmentationMetrics.from_confusion(self._confusion).miou
 
     def _held_out_set(self, items) -> SegmentationDataset:
         images, masks, stems = zip(*items)
@@ -176,8 +177,13 @@ class OnlineLearner:
     def observe(self, image: np.ndarray, mask: np.ndarray, stem: str | None = None) -> Observation:
         """Train a copy on this image (+ replay); publish it if the holdout guardrail allows.
 
-        With ``holdout_every`` set, every k-th image is instead added to the held-out set.
+        ``image``: RGB uint8 ``H x W x 3``; ``mask``: ``H x W`` class ids of the model's label
+        space, 255 = unlabelled. With ``holdout_every`` set, every k-th image is instead added
+        to the held-out set.
         """
+        ls = self._model.label_space
+        check_labelled_pair(image, mask, ls.num_classes, ls.ignore_index, what=stem or "observed image")
+        mask = np.asarray(mask).astype(np.uint8)
         start = time.perf_counter()
         self._seen += 1
         stem = stem or f"online-{self._seen}"
@@ -202,7 +208,7 @@ class OnlineLearner:
         candidate.eval()
         confusion = self._holdout_confusion(candidate)
         before = self.holdout_miou
-        after = 100.0 * SegmentationMetrics.from_confusion(confusion).miou
+        after = SegmentationMetrics.from_confusion(confusion).miou
         accepted = after >= before - self.tolerance
         self._remember(image, mask, stem)
         if accepted:

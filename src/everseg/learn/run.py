@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 from torch import nn
 
 from everseg.data.dataset import SegmentationDataset
@@ -12,7 +14,10 @@ from everseg.data.transforms import AugmentConfig, train_transform
 from everseg.learn.config import RunConfig
 from everseg.learn.finetune import FrozenBackbone, GradualUnfreeze
 from everseg.learn.plugins import Plugin
+from everseg.learn.rundir import claim_run_folder, clear_run_folder
 from everseg.learn.trainer import FitResult, Trainer, seed_everything
+
+log = logging.getLogger(__name__)
 
 
 def training_augmentation(cfg: RunConfig):
@@ -23,17 +28,41 @@ def training_augmentation(cfg: RunConfig):
 
 
 def build_datasets(cfg: RunConfig) -> tuple[SegmentationDataset, SegmentationDataset | None]:
+    """The augmented training set and the validation set (None without validation).
+
+    When the config asks for the default ``val`` split and the data has none (a folder
+    dataset without ``val.txt``), ``data.val_fraction`` of the training images are held
+    out for validation instead (the same ones for the same seed), and the log says so.
+    """
     from everseg.data import open_dataset
+    from everseg.data.open import available_splits, dataset_kind
 
     dc = cfg.data
     if dc.path is None:
         raise ValueError("no dataset path: set data.path in the config or pass --data")
-    train = open_dataset(dc.path, dataset=dc.dataset, split=dc.train_split, cache=dc.cache)
-    train = train.with_transform(training_augmentation(cfg))
+    kind = dataset_kind(dc.path, dc.dataset)
+    train = open_dataset(dc.path, dataset=kind, split=dc.train_split, cache=dc.cache)
     val = None
-    if dc.val_split:
-        val = open_dataset(dc.path, dataset=dc.dataset, split=dc.val_split, cache=dc.cache)
-    return train, val
+    if dc.val_split == "val" and "val" not in available_splits(dc.path, kind):
+        train, val = _hold_out(train, dc.val_fraction, cfg.train.seed)
+    elif dc.val_split:
+        val = open_dataset(dc.path, dataset=kind, split=dc.val_split, cache=dc.cache)
+    return train.with_transform(training_augmentation(cfg)), val
+
+
+def _hold_out(data: SegmentationDataset, fraction: float, seed: int
+              ) -> tuple[SegmentationDataset, SegmentationDataset | None]:
+    where = f"{data.name} has no 'val' split"
+    count = round(fraction * len(data))
+    if fraction == 0 or len(data) < 2 or count == 0:
+        log.info("%s: training without validation (the last epoch's model is kept; data.val_fraction=%g "
+                 "of %d images holds out none)", where, fraction, len(data))
+        return data, None
+    order = np.random.default_rng(seed).permutation(len(data))
+    held, kept = sorted(order[:count].tolist()), sorted(order[count:].tolist())
+    log.info("%s: holding out %d of its %d images for validation (data.val_fraction=%g; set "
+             "data.val_split=none to train on all)", where, count, len(data), fraction)
+    return data.subset(kept, name=f"{data.name} (training part)"), data.subset(held, name=f"{data.name} (held out)")
 
 
 def build_model(cfg: RunConfig, train_set: SegmentationDataset) -> nn.Module:
@@ -61,14 +90,22 @@ def finetune_plugins(cfg: RunConfig) -> list[Plugin]:
     return []
 
 
-def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, progress: bool = True,
-          plugins: Sequence[Plugin] = ()) -> FitResult:
-    """Train as ``cfg`` says, writing the run (config, checkpoint, model, TensorBoard) into ``out_dir``."""
+def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
+          progress: bool = True, plugins: Sequence[Plugin] = ()) -> FitResult:
+    """Train as ``cfg`` says, writing the run (config, checkpoint, model, TensorBoard) into ``out_dir``.
+
+    A folder that already holds a run is refused unless ``resume`` (continue it) or
+    ``overwrite`` (replace it) says otherwise; a refused call writes nothing.
+    """
+    clear = claim_run_folder(out_dir, resume=resume, overwrite=overwrite,
+                             protect=[cfg.model.init_from] if cfg.model.init_from else ())
     train_set, val_set = build_datasets(cfg)
     # Seeded before the model is built, or the decoder's initial weights differ from run to run
     # and so does the result (the Trainer seeds again for data order and augmentation).
     seed_everything(cfg.train.seed)
     model = build_model(cfg, train_set)
+    if clear:
+        clear_run_folder(out_dir)
     trainer = Trainer(model, train_set, val_set, cfg, out_dir,
                       plugins=[*finetune_plugins(cfg), *plugins], progress=progress)
     return trainer.fit(resume=resume)

@@ -9,6 +9,7 @@ is saved as an everseg model folder in ``<out>/model``.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
 import time
@@ -28,6 +29,8 @@ from everseg.learn.losses import SegmentationLoss, compute_class_weights
 from everseg.learn.optim import build_optimizer, build_scheduler
 from everseg.learn.plugins import Batch, Plugin, StepOutput
 from everseg.learn.progress import TrainProgress
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "checkpoint.pt"
 MODEL_DIR_NAME = "model"
@@ -137,7 +140,8 @@ class Trainer:
                          else "decoded from disk each epoch")
                 parts.append(f"{role}: {len(ds)} images ({where})")
         precision = "bfloat16 autocast" if self.use_bf16 else "float32"
-        return f"{'; '.join(parts)}; {precision}, {torch.get_num_threads()} threads"
+        threads = torch.get_num_threads()
+        return f"{'; '.join(parts)}; {precision}, {threads} thread{'s' if threads != 1 else ''}"
 
     def request_stop(self) -> None:
         """Ask the loop to stop after the current epoch (plugins, signal handlers)."""
@@ -146,9 +150,6 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def fit(self, resume: bool = False) -> FitResult:
         cfg, tc = self.config, self.config.train
-        if self.write_run:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.out_dir / "config.yaml", cfg.to_yaml())
         generator = seed_everything(tc.seed)
         if tc.channels_last:
             self.model.to(memory_format=torch.channels_last)
@@ -160,8 +161,18 @@ class Trainer:
                                          time_progress=self.budget_used if tc.max_minutes else None)
         if resume:
             self._load_checkpoint(generator)
+        # Only now, after a resume's checkpoint was read and accepted: a refused resume must
+        # leave the run as it was, its config.yaml included.
+        if self.write_run:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.out_dir / "config.yaml", cfg.to_yaml())
         needs_features = any(p.needs_features for p in self.plugins)
         progress = TrainProgress(tc.epochs, len(loader), enabled=self.show_progress)
+        if resume:
+            done = (f"{self.epoch} of {tc.epochs} epochs done, {self.train_seconds / 60:.1f} min"
+                    + (f", best val mIoU {self.best_miou:.2f}" if self.best_miou is not None else ""))
+            nothing = "; nothing left to train" if self.epoch >= tc.epochs else f"; continuing at epoch {self.epoch + 1}"
+            log.info("resumed %s (%s)%s", self.out_dir / CHECKPOINT_NAME, done, nothing)
         progress.message(self._data_summary())
         writer = self._tensorboard()
         setup_start = time.perf_counter()
@@ -252,7 +263,7 @@ class Trainer:
                 last_epoch = self.epoch + 1 == tc.epochs or out_of_time
                 if self.val_set is not None and ((self.epoch + 1) % tc.eval_every == 0 or last_epoch):
                     metrics = self.validate()
-                    record["val_miou"] = 100.0 * metrics.miou
+                    record["val_miou"] = metrics.miou
                     for plugin in self.plugins:
                         plugin.on_validation(self, metrics)
                     self._track_best(record["val_miou"])
@@ -352,8 +363,25 @@ class Trainer:
         meta = dict(getattr(self.model, "metadata", None) or {})
         meta.update({"epoch": self.epoch, "val_miou": self.best_miou, "images_seen": self.images_seen,
                      "train_data": self.train_set.name})
+        fractions = self._class_fractions()
+        if fractions:  # what a service compares its predictions' class areas with (drift)
+            meta["class_fractions"] = fractions
+        dc = self.config.data
+        if dc.path is not None:  # where the training images are: a later ``learn`` can replay them
+            meta["train_data_source"] = {"path": str(Path(dc.path).resolve()), "dataset": dc.dataset,
+                                         "split": dc.train_split}
         self.model.metadata = meta
         save_model(self.model, self.out_dir / MODEL_DIR_NAME)
+
+    def _class_fractions(self) -> dict[str, float] | None:
+        """Share of the labelled training pixels per class; only when the images are decoded in
+        memory already (counting would otherwise decode the whole set again)."""
+        if getattr(self, "_fractions", None) is None and self.train_set.is_cached:
+            counts = self.train_set.class_pixel_counts().astype(np.float64)
+            names = self.train_set.label_space.names
+            total = counts.sum()
+            self._fractions = {n: float(c / total) for n, c in zip(names, counts)} if total else {}
+        return getattr(self, "_fractions", None)
 
     def _tensorboard(self):
         if not self.write_run:

@@ -28,7 +28,7 @@ def create_model(
         backbone: one of :data:`BACKBONES`, or ``"timm:<timm model name>"``.
         num_classes: number of classes; names become ``class0``, ``class1``, ...
         label_space: the classes (instead of, or consistent with, ``num_classes``).
-        pretrained: True loads the backbone's ImageNet weights (see
+        pretrained: True (or "imagenet", as timm and smp spell it) loads the backbone's ImageNet weights (see
             :func:`resolve_pretrained_weights`; raises :class:`WeightsUnavailableError`
             when there are none), False initialises randomly, a path loads that file.
             Only the backbone is pretrained; decoder and classifier start random.
@@ -53,7 +53,9 @@ def create_model(
     elif isinstance(decoder_channels, bool) or not isinstance(decoder_channels, int) or decoder_channels < 1:
         raise ValueError(f"decoder_channels must be a positive int, got {decoder_channels!r}")
     if not isinstance(pretrained, (bool, str, os.PathLike)):
-        raise TypeError(f"pretrained must be True, False or a file path, got {pretrained!r}")
+        raise TypeError(f"pretrained must be True, False, 'imagenet' or a file path, got {pretrained!r}")
+    if isinstance(pretrained, str) and pretrained.strip().lower() == "imagenet":
+        pretrained = True
 
     effective_stride = 32 if arch == "unet" else output_stride
     body = build_backbone(backbone, output_stride=effective_stride, pretrained=pretrained)

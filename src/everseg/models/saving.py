@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from everseg.atomic import dir_mode, file_mode
 from everseg.data.labelspace import LabelSpace
 from everseg.models.factory import create_model
 from everseg.models.segmenter import ModelConfig, Segmenter
@@ -76,8 +77,9 @@ def save_model(model: Segmenter, directory: str | os.PathLike[str]) -> Path:
     parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".saving", dir=parent))
     try:
-        os.chmod(staging, 0o755)
+        os.chmod(staging, dir_mode())  # mkdtemp makes it 0700
         save_file(tensors, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
+        os.chmod(staging / WEIGHTS_FILE, file_mode())  # safetensors writes 0600 whatever the umask
         with open(staging / CONFIG_FILE, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()

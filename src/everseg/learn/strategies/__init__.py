@@ -7,7 +7,7 @@ the upper bound) are handled by the continual runner itself.
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 from everseg.learn.strategies.base import ContinualContext, Strategy
 from everseg.learn.strategies.distillation import ILT, LwF
@@ -62,6 +62,20 @@ def build_strategies(spec: str, params: Mapping[str, Any] | None = None) -> list
     return [STRATEGIES[n](**kwargs[n]) for n in names]
 
 
+def check_combination(strategies: Sequence[Strategy], config: Any = None) -> None:
+    """Refuse a combination in which one part would silently undo another.
+
+    Today that is two strategies that both change the segmentation loss (``mib+weighting``:
+    weighting's per-image cross-entropy would replace MiB's unbiased one).
+    """
+    changing = [s for s in strategies if s.changes_seg_loss]
+    if len(changing) > 1:
+        a, b = changing[:2]
+        raise ValueError(f"strategy {a.name}+{b.name} cannot be combined: both change the segmentation loss "
+                         f"({a.name} {a.changes_seg_loss}; {b.name} {b.changes_seg_loss}), so one would "
+                         "silently replace the other; use one of them")
+
+
 def default_strategy(adds_classes: bool) -> str:
     """The strategy to use when none is named: the best measured on CamVid (benchmarks/README.md).
 
@@ -97,5 +111,5 @@ def _convert(key: str, value: Any, default: Any) -> Any:
 
 
 __all__ = ["BASELINES", "EWC", "ILT", "MAS", "MiB", "ContinualContext", "LwF", "MetaReplay", "PLOP", "Replay",
-           "STRATEGIES", "SampleWeighting", "Strategy", "build_strategies", "default_strategy",
+           "STRATEGIES", "SampleWeighting", "Strategy", "build_strategies", "check_combination", "default_strategy",
            "strategy_parameters"]

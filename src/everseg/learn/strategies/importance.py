@@ -21,6 +21,7 @@ on camvid-domains).
 from __future__ import annotations
 
 import copy
+import logging
 from abc import ABC, abstractmethod
 from typing import Iterator
 
@@ -31,6 +32,8 @@ from torch.utils.data import DataLoader
 
 from everseg.learn.plugins import Batch, StepOutput
 from everseg.learn.strategies.base import Strategy
+
+log = logging.getLogger(__name__)
 
 
 class _ParameterImportance(Strategy, ABC):
@@ -190,17 +193,24 @@ class SampleWeighting(Strategy):
     ``gamma`` and normalised to mean 1: images that bring something new count more,
     images the model already handles count less - importance weighting in the sense of
     Shimodaira (2000), with the old model's loss as the importance. It replaces the
-    loop's "seg" term; at step 0 (no old model) it does nothing.
+    cross-entropy of the loop's "seg" term and keeps the recipe's Dice term, if any;
+    at step 0 (no old model) it does nothing.
 
     Args:
         gamma: sharpness of the weighting (0 = every image weighs the same).
     """
 
     name = "weighting"
+    changes_seg_loss = "weights each image's cross-entropy by the previous model's loss on it"
 
     def __init__(self, gamma: float = 1.0):
         super().__init__()
         self.gamma = gamma
+
+    def on_fit_start(self, trainer) -> None:
+        if self.old_model is not None:
+            kept = "; the recipe's Dice term is kept" if "dice" in trainer.config.loss.kind else ""
+            log.info("weighting: each image's cross-entropy is weighted by the previous model's loss on it%s", kept)
 
     def loss_terms(self, trainer, batch: Batch, output: StepOutput) -> dict[str, torch.Tensor]:
         if self.old_model is None:
@@ -213,19 +223,24 @@ class SampleWeighting(Strategy):
             known = torch.where(target < old_logits.shape[1], target, torch.full_like(target, ignore))
             old_loss = F.cross_entropy(old_logits.float(), known, ignore_index=ignore, reduction="none")
             weights = per_sample_weights(old_loss.flatten(1).sum(1) / valid, self.gamma)
-        return {"seg": weighted_image_ce(output.logits, target, weights,
-                                         getattr(trainer.criterion, "class_weights", None), ignore)}
+        crit = trainer.criterion
+        seg = weighted_image_ce(output.logits, target, weights, getattr(crit, "class_weights", None), ignore,
+                                label_smoothing=getattr(crit, "label_smoothing", 0.0))
+        if getattr(crit, "kind", "ce") in ("dice", "ce+dice"):
+            seg = seg + crit.dice_weight * crit.dice(output.logits, target)
+        return {"seg": seg}
 
 
 def weighted_image_ce(logits: torch.Tensor, target: torch.Tensor, image_weights: torch.Tensor,
-                      class_weights: torch.Tensor | None, ignore_index: int = 255) -> torch.Tensor:
+                      class_weights: torch.Tensor | None, ignore_index: int = 255,
+                      label_smoothing: float = 0.0) -> torch.Tensor:
     """Mean over images of ``image_weights[i]`` x image ``i``'s class-weighted mean cross-entropy.
 
     The class weights are the run's own (e.g. median-frequency balancing): replacing the
     loop's loss must not silently drop them, or rare new classes are never learned.
     """
     pixel = F.cross_entropy(logits.float(), target, weight=class_weights, ignore_index=ignore_index,
-                            reduction="none").flatten(1)
+                            reduction="none", label_smoothing=label_smoothing).flatten(1)
     valid = target != ignore_index
     if class_weights is None:
         norm = valid.flatten(1).sum(1).float()

@@ -9,11 +9,15 @@ as copies of the background row (``Segmenter.grow_classifier(init="background")`
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
 from everseg.learn.plugins import Batch, StepOutput
 from everseg.learn.strategies.base import Strategy
+
+log = logging.getLogger(__name__)
 
 
 class UnbiasedCrossEntropy(nn.Module):
@@ -69,6 +73,7 @@ class MiB(Strategy):
 
     name = "mib"
     head_init = "background"
+    changes_seg_loss = "replaces the cross-entropy with MiB's unbiased cross-entropy"
 
     def __init__(self, distill_weight: float = 10.0):
         super().__init__()
@@ -78,6 +83,12 @@ class MiB(Strategy):
         # Without a background shift label 0 is a class like any other (a domain step's Sky):
         # merging the old classes into it would make its pixels cost nothing.
         if self.old_model is not None and self.ctx.background_shift:
+            kind = trainer.config.loss.kind
+            # Dice on this step's label 0, which hides the old classes, would teach them away: MiB's
+            # loss is its unbiased cross-entropy alone, as published.
+            dropped = f"; the recipe's {kind} loss is not used (its Dice term included)" if "dice" in kind else ""
+            log.info("mib: the segmentation loss is MiB's unbiased cross-entropy (background = background "
+                     "or an old class)%s", dropped)
             trainer.criterion = UnbiasedCrossEntropy(self.ctx.old_num_classes,
                                                      trainer.train_set.label_space.ignore_index,
                                                      getattr(trainer.criterion, "class_weights", None))
