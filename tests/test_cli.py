@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -16,6 +17,7 @@ def invoke(*args):
     return result
 
 
+@pytest.mark.slow
 def test_train_eval_predict_check(tiny_camvid, tmp_path):
     run = tmp_path / "run"
     cfg = tmp_path / "tiny.yaml"

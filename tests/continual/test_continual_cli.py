@@ -1,11 +1,14 @@
 """`everseg scenario run` and `everseg learn` end to end on tiny real images."""
 
+import pytest
 import json
 
 from typer.testing import CliRunner
 
 from everseg.cli import app
 from everseg.models import load_model
+
+pytestmark = pytest.mark.slow  # every test here trains a model
 
 runner = CliRunner()
 TINY = "data:\n  crop_size: [48, 64]\nmodel:\n  pretrained: false\ntrain:\n  batch_size: 4\n  bf16: 'off'\n"

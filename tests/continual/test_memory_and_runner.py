@@ -74,6 +74,7 @@ def tiny_scenario(tiny_camvid):
 
 @pytest.mark.parametrize("strategy", ["finetune", "mib", "plop+replay", "joint", "lwf+ewc", "ilt+mas+weighting",
                                       "mer+replay"])
+@pytest.mark.slow
 def test_runner_writes_results_and_lineage(tiny_scenario, tmp_path, strategy):
     report = run_scenario(tiny_scenario, strategy, tiny_cfg(), tmp_path / "run", progress=False, memory_size=3)
     data = json.loads((tmp_path / "run" / "results.json").read_text())
@@ -91,6 +92,7 @@ def test_runner_writes_results_and_lineage(tiny_scenario, tmp_path, strategy):
     assert report.steps[1].images_seen > 0
 
 
+@pytest.mark.slow
 def test_runner_reuses_a_base_model(tiny_scenario, tmp_path):
     first = run_scenario(tiny_scenario, "finetune", tiny_cfg(), tmp_path / "a", progress=False)
     again = run_scenario(tiny_scenario, "mib", tiny_cfg(), tmp_path / "b", progress=False,
@@ -125,6 +127,7 @@ def test_domain_step_scores_classes_on_every_view_not_the_first(tiny_camvid):
     assert per_view["a"] == pytest.approx(first.miou)
 
 
+@pytest.mark.slow
 def test_replay_from_a_shared_base_remembers_the_base_images(tiny_scenario, tmp_path):
     run_scenario(tiny_scenario, "finetune", tiny_cfg(), tmp_path / "a", progress=False)
     base = tmp_path / "a" / "step0" / "model"
@@ -137,6 +140,7 @@ def test_replay_from_a_shared_base_remembers_the_base_images(tiny_scenario, tmp_
     assert any(item.step == 0 for item in memory.items)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ewc", "mas"])
 def test_importance_from_a_model_trained_elsewhere_is_measured_before_the_step(tiny_scenario, tmp_path, strategy):
     """A shared base (or ``learn`` on a bare model) has no importance: without this step 1 had no penalty."""
@@ -179,6 +183,7 @@ def test_importance_from_a_model_trained_elsewhere_is_measured_before_the_step(t
     assert max(float(w.max()) for w in s.importance.values()) <= cap * (1 + 1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stale_background", ["ignore", "keep"])
 def test_replay_ignores_background_of_images_stored_before_new_classes(tiny_scenario, tmp_path, stale_background):
     """A stored mask's background means "none of the classes known then": not evidence against later ones."""
@@ -218,6 +223,7 @@ def test_replay_ignores_background_of_images_stored_before_new_classes(tiny_scen
     assert not replay._background_is_stale(0)
 
 
+@pytest.mark.slow
 def test_domain_run_records_the_untrained_models_scores_for_forward_transfer(tiny_camvid, tmp_path):
     from everseg.data.scenarios import ScenarioSpec, StepSpec
     from everseg.learn.continual import untrained_domain_miou
@@ -235,6 +241,7 @@ def test_domain_run_records_the_untrained_models_scores_for_forward_transfer(tin
     assert report.steps[0].seconds > 0
 
 
+@pytest.mark.slow
 def test_replay_class_weights_count_the_memory_as_often_as_it_is_replayed(tiny_scenario, tmp_path):
     """Old classes appear only in replayed images: weighting must see them, or their weight stays 1."""
     from everseg.learn import Trainer, compute_class_weights
@@ -278,6 +285,7 @@ def test_replay_class_weights_count_the_memory_as_often_as_it_is_replayed(tiny_s
     assert type(trainer.criterion).__name__ == "UnbiasedCrossEntropy"
 
 
+@pytest.mark.slow
 def test_a_steps_budget_counts_the_strategys_set_up(tiny_scenario, tmp_path, fake_clock):
     from everseg.learn.strategies.base import Strategy
 
@@ -298,6 +306,7 @@ def test_a_steps_budget_counts_the_strategys_set_up(tiny_scenario, tmp_path, fak
     assert report.steps[1].images_seen == 4 and report.steps[1].seconds == pytest.approx(3.0)
 
 
+@pytest.mark.slow
 def test_a_steps_wrap_up_is_reserved_from_the_next_steps_budget(tiny_camvid, tmp_path, fake_clock):
     import dataclasses
 

@@ -11,6 +11,8 @@ from everseg.learn.online import OnlineLearner
 from everseg.models import create_model
 from everseg.models.registry import ModelRegistry
 
+pytestmark = pytest.mark.slow  # every test here trains a model
+
 
 @pytest.fixture
 def setup(tiny_camvid, tmp_path):

@@ -1,11 +1,14 @@
 """A real kill: SIGKILL the training process mid-epoch, then resume from the command line."""
 
+import pytest
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+
+pytestmark = pytest.mark.slow  # every test here trains a model
 
 
 def test_sigkill_mid_epoch_then_resume(tiny_camvid, tmp_path):

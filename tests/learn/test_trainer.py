@@ -28,6 +28,7 @@ def make_trainer(cfg, out, plugins=()):
                    progress=False)
 
 
+@pytest.mark.slow
 def test_fit_writes_run_folder_and_learns(tiny_camvid, tmp_path):
     cfg = tiny_config(tiny_camvid, **{"train.epochs": 4})
     result = make_trainer(cfg, tmp_path / "run").fit()
@@ -54,6 +55,7 @@ class Crash(Plugin):
             raise KeyboardInterrupt("killed")
 
 
+@pytest.mark.slow
 def test_resume_after_interruption_matches_uninterrupted_run(tiny_camvid, tmp_path):
     cfg = tiny_config(tiny_camvid, **{"data.val_split": None})
     full = make_trainer(cfg, tmp_path / "full")
@@ -70,6 +72,7 @@ def test_resume_after_interruption_matches_uninterrupted_run(tiny_camvid, tmp_pa
         torch.testing.assert_close(a, b, msg=f"{k} differs after resume")
 
 
+@pytest.mark.slow
 def test_resume_refuses_other_model_settings(tiny_camvid, tmp_path):
     cfg = tiny_config(tiny_camvid, **{"train.epochs": 1, "data.val_split": None})
     make_trainer(cfg, tmp_path / "run").fit()
@@ -78,6 +81,7 @@ def test_resume_refuses_other_model_settings(tiny_camvid, tmp_path):
         make_trainer(other, tmp_path / "run").fit(resume=True)
 
 
+@pytest.mark.slow
 def test_frozen_backbone_keeps_backbone_and_its_statistics(tiny_camvid, tmp_path):
     cfg = tiny_config(tiny_camvid, **{"train.epochs": 1, "train.finetune": "frozen", "data.val_split": None})
     trainer = make_trainer(cfg, tmp_path / "run")
@@ -102,6 +106,7 @@ def test_gradual_unfreeze_opens_deepest_chunks_first(tiny_camvid, tmp_path):
         assert params[0].requires_grad is first and params[-1].requires_grad is last
 
 
+@pytest.mark.slow
 def test_extra_loss_terms_and_hooks_are_called(tiny_camvid, tmp_path):
     calls = []
 
@@ -124,6 +129,7 @@ def test_extra_loss_terms_and_hooks_are_called(tiny_camvid, tmp_path):
     assert "loss_probe" in result.history[0] and "loss_seg" in result.history[0]
 
 
+@pytest.mark.slow
 def test_transfer_from_another_model_reinitialises_head(tiny_camvid, tmp_path):
     cfg = tiny_config(tiny_camvid, **{"train.epochs": 1, "data.val_split": None})
     make_trainer(cfg, tmp_path / "src").fit()
@@ -157,6 +163,7 @@ class FixedModel(Plugin):
         trainer.model.eval()
 
 
+@pytest.mark.slow
 def test_early_stopping_stops_when_miou_stalls(tiny_camvid, tmp_path):
     cfg = tiny_config(tiny_camvid, **{"train.epochs": 6, "train.early_stopping": 2, "optim.lr": 1e-12})
     result = make_trainer(cfg, tmp_path / "run", plugins=[FixedModel()]).fit()
@@ -164,6 +171,7 @@ def test_early_stopping_stops_when_miou_stalls(tiny_camvid, tmp_path):
     assert result.best_epoch == 0
 
 
+@pytest.mark.slow
 def test_grad_accumulation_adamw_cosine_and_time_budget(tiny_camvid, tmp_path):
     cfg = tiny_config(tiny_camvid, **{"train.epochs": 2, "train.batch_size": 2, "train.grad_accum": 2,
                                       "optim.optimizer": "adamw", "optim.lr": 1e-3, "optim.schedule": "cosine",
@@ -189,6 +197,7 @@ class OneSecondSteps(Plugin):
         self.clock.advance(1.0)  # each step's work takes one (fake) second
 
 
+@pytest.mark.slow
 def test_a_time_budget_stops_before_a_step_it_cannot_finish(tiny_camvid, tmp_path, fake_clock):
     cfg = tiny_config(tiny_camvid, **{"train.epochs": 50, "train.max_minutes": 3.5 / 60, "data.val_split": None,
                                       "train.batch_size": 2})
@@ -199,6 +208,7 @@ def test_a_time_budget_stops_before_a_step_it_cannot_finish(tiny_camvid, tmp_pat
     assert result.epochs_run == 1  # 4 steps an epoch: the first is cut, no second one begins
 
 
+@pytest.mark.slow
 def test_eta_counts_down_the_time_budget_not_the_remaining_epochs(tiny_camvid, tmp_path, fake_clock, capsys):
     cfg = tiny_config(tiny_camvid, **{"train.epochs": 50, "train.max_minutes": 30.5 / 60, "data.val_split": None,
                                       "train.batch_size": 2})
@@ -211,6 +221,7 @@ def test_eta_counts_down_the_time_budget_not_the_remaining_epochs(tiny_camvid, t
     assert lines and lines[0].endswith("eta 0.4 min"), lines
 
 
+@pytest.mark.slow
 def test_train_with_the_same_seed_gives_the_same_model(tiny_camvid, tmp_path):
     from everseg.learn import train
 
@@ -224,6 +235,7 @@ def test_train_with_the_same_seed_gives_the_same_model(tiny_camvid, tmp_path):
     assert any(not torch.equal(a, other[k]) for k, a in first.items() if a.is_floating_point())
 
 
+@pytest.mark.slow
 def test_a_diverging_loss_stops_training_with_the_term_named(tiny_camvid, tmp_path):
     class Explode(Plugin):
         def loss_terms(self, trainer, batch, output):
