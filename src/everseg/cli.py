@@ -382,6 +382,90 @@ def scenario_run(
     console.print(f"results: {out / 'results.json'}, {out / 'results.md'}, {out / 'iou_across_steps.png'}")
 
 
+models_app = _typer("Model versions of a registry (what `everseg serve` serves); safe while it runs.")
+app.add_typer(models_app, name="models")
+RegistryOpt = Annotated[Path, typer.Option(help="Registry folder (everseg serve --registry)")]
+
+
+def _open_registry(registry: Path):
+    from everseg.models.versions import ModelRegistry
+
+    if not (registry / "registry.db").is_file() and not (registry / "registry.json").is_file():
+        raise FileNotFoundError(f"--registry {registry}: no model registry here (no registry.db)")
+    return ModelRegistry(registry)
+
+
+@models_app.command("list")
+def models_list(registry: RegistryOpt) -> None:
+    """Every version: parent, status, holdout and feedback mIoU, what produced it; * = active."""
+    from rich.table import Table
+
+    from everseg.serve.app import model_summary
+    from everseg.serve.feedback import FeedbackStore
+
+    reg = _open_registry(registry)
+    store = FeedbackStore(registry)
+    table = Table()
+    for col in ("", "version", "parent", "status", "holdout mIoU", "feedback mIoU", "created", "produced by"):
+        table.add_column(col)
+    fmt = lambda x: "–" if x is None else f"{x:.1f}"  # noqa: E731
+    import datetime
+
+    for v in reg.versions():
+        s = model_summary(v, store)
+        created = datetime.datetime.fromtimestamp(s["created"]).strftime("%Y-%m-%d %H:%M:%S")
+        status = s["status"] + (f" ({s['reason']})" if s["reason"] else "")
+        table.add_row("*" if s["active"] else "", str(s["version"]), str(s["parent"] or "–"), status,
+                      fmt(s["holdout_miou"]), fmt(s["feedback_miou"]), created, s["produced_by"])
+    Console(soft_wrap=True).print(table)
+
+
+@models_app.command("activate")
+def models_activate(version: Annotated[int, typer.Argument(help="Version to serve")], registry: RegistryOpt) -> None:
+    """Serve VERSION (a running server follows within a second)."""
+    _open_registry(registry).activate(version, reason="activated with everseg models activate")
+    console.print(f"version {version} is active")
+
+
+@models_app.command("rollback")
+def models_rollback(registry: RegistryOpt,
+                    to: Annotated[Optional[int], typer.Option(help="Version to go back to (default: the parent)")] = None
+                    ) -> None:
+    """Serve the active version's parent (or --to VERSION) again."""
+    version = _open_registry(registry).rollback(to, reason="rolled back with everseg models rollback")
+    console.print(f"version {version} is active")
+
+
+@app.command()
+def serve(
+    registry: RegistryOpt,
+    model: Annotated[Optional[Path], typer.Option(help="Model to publish as version 1 when the registry is empty")] = None,
+    holdout: Annotated[Optional[Path], typer.Option(help="Labelled data every update is checked on (no learning without it)")] = None,
+    dataset: DatasetOpt = None,
+    split: Annotated[str, typer.Option(help="Split of --holdout")] = "val",
+    host: Annotated[str, typer.Option(help="Address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port")] = 8000,
+    token_file: Annotated[Optional[Path], typer.Option(help="File holding the bearer token (default: REGISTRY/token, made when missing)")] = None,
+    tolerance: Annotated[float, typer.Option(min=0, help="Largest holdout mIoU drop (points) an update may cause")] = 1.0,
+    new_class_examples: Annotated[int, typer.Option(min=1, help="Corrections per new class before it is taught")] = 3,
+    rollback_window: Annotated[int, typer.Option(min=1, help="Corrections per version the automatic rollback compares")] = 10,
+    rollback_margin: Annotated[float, typer.Option(min=0, help="Feedback mIoU points below the parent that roll a version back")] = 5.0,
+    max_queued: Annotated[int, typer.Option(min=1, help="Feedback items waiting at most (429 above)")] = 100,
+    max_upload_mb: Annotated[float, typer.Option(min=0.1, help="Largest upload (413 above)")] = 20.0,
+    max_megapixels: Annotated[float, typer.Option(min=0.01, help="Largest image (413 above)")] = 25.0,
+) -> None:
+    """Serve predictions, learn from corrections (checked on --holdout), keep versions; see the README."""
+    from everseg.serve.service import run_service
+    from everseg.serve.worker import WorkerSettings
+
+    run_service(registry, model=model, holdout=holdout, dataset=dataset, split=split, host=host, port=port,
+                token_file=token_file,
+                worker=WorkerSettings(tolerance=tolerance, new_class_examples=new_class_examples,
+                                      rollback_window=rollback_window, rollback_margin=rollback_margin),
+                settings={"max_queued": max_queued, "max_upload_bytes": int(max_upload_mb * 2**20),
+                          "max_pixels": int(max_megapixels * 1e6)})
+
+
 @data_app.command("check")
 def data_check(
     ctx: typer.Context,

@@ -59,27 +59,6 @@ def _bf16(bf16: bool | None) -> bool:
     return cpu_has_native_bf16() if bf16 is None else bf16
 
 
-def as_model_labels(model: torch.nn.Module, dataset: SegmentationDataset
-                    ) -> tuple[SegmentationDataset, list[int] | None]:
-    """``dataset`` in the model's class ids, and the ids to score (None = all).
-
-    A model taught new classes by ``learn`` (or a scenario) has a ``background`` class and
-    the new ones besides the data's classes, in its own order: the data is relabelled by
-    class name, and only the classes the data names are scored (the model's extra classes
-    have no truth here, so their IoU would only count the model's mistakes twice).
-    """
-    from everseg.data.scenarios import align_labels
-
-    model_names, data_names = tuple(model.label_space.names), tuple(dataset.label_space.names)
-    if model_names[:len(data_names)] == data_names:
-        return dataset, None if len(model_names) == len(data_names) else list(range(len(data_names)))
-    unknown = [n for n in data_names if n not in model_names]
-    if unknown:
-        raise DataError(None, f"the dataset {dataset.name!r} has classes the model does not know: {unknown} "
-                              f"(model classes: {list(model_names)})")
-    return align_labels(dataset, model.label_space), sorted(model_names.index(n) for n in data_names)
-
-
 def evaluate_model(model: torch.nn.Module, dataset: SegmentationDataset, *, out_dir: str | Path | None = None,
                    json_path: str | Path | None = None, overlays: int = 0, mode: str = "whole",
                    crop_size: tuple[int, int] | None = None, flip: bool = False,
@@ -91,8 +70,10 @@ def evaluate_model(model: torch.nn.Module, dataset: SegmentationDataset, *, out_
 
     if overlays < 0:
         raise ValueError(f"--overlays must be 0 or more, got {overlays}")
+    from everseg.data.scenarios import align_to_model
+
     bf16 = _bf16(bf16)
-    dataset, scored = as_model_labels(model, dataset)
+    dataset, scored = align_to_model(dataset, model.label_space)
     out = Path(out_dir) if out_dir is not None else None
     saved: list[Path] = []
 

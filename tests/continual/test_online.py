@@ -1,7 +1,5 @@
 """OnlineLearner: single images in, guarded new versions out, rollback."""
 
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -9,7 +7,7 @@ import torch
 from everseg.data import open_dataset
 from everseg.learn.online import OnlineLearner
 from everseg.models import create_model
-from everseg.models.registry import ModelRegistry
+from everseg.models.versions import ModelRegistry
 
 pytestmark = pytest.mark.slow  # every test here trains a model
 
@@ -35,9 +33,9 @@ def test_observe_publishes_versions_with_parents_and_rolls_back(setup):
     image2, mask2 = train.decoded(1)
     learner.observe(image2, mask2)
     assert learner.version == 3 and len(learner.memory) == 2
-    index = json.loads((root / "registry.json").read_text())
-    assert [(v["version"], v["parent"]) for v in index["versions"]] == [(1, None), (2, 1), (3, 2)]
-    assert index["versions"][1]["info"]["observed"] == "first"
+    versions = ModelRegistry(root).versions()
+    assert [(v["version"], v["parent"]) for v in versions] == [(1, None), (2, 1), (3, 2)]
+    assert versions[1]["info"]["observed"] == "first" and versions[1]["info"]["holdout_miou"] == obs.holdout_miou_after
     pred = learner.predict(image)
     assert pred.shape == mask.shape and pred.max() < train.label_space.num_classes
     assert learner.rollback() == 2 and learner.version == 2
@@ -107,3 +105,45 @@ def test_restarted_learner_takes_back_the_published_memory(setup):
     restarted = OnlineLearner(model, root, holdout, steps=1)
     assert restarted.version == learner.version
     assert [item.stem for item in restarted.memory.items] == ["kept"]
+
+
+def test_rejected_candidates_are_kept_with_the_reason_and_never_served(setup):
+    train, holdout, model, root = setup
+    learner = OnlineLearner(model, root, holdout, steps=1, replay=1, tolerance=-100.0, keep_rejected=True,
+                            publish_info={"holdout": {"sha256": "abc"}})
+    obs = learner.observe(*train.decoded(0), info={"feedback_ids": [7]})
+    assert not obs.accepted and obs.version == 2 and learner.version == 1 and "tolerance" in obs.reason
+    entry = ModelRegistry(root).entry(2)
+    assert entry["status"] == "rejected" and entry["reason"] == obs.reason and not entry["active"]
+    assert entry["info"]["feedback_ids"] == [7] and entry["info"]["holdout"] == {"sha256": "abc"}
+
+
+def test_the_learner_follows_a_version_activated_by_another_process(setup):
+    train, holdout, model, root = setup
+    learner = OnlineLearner(model, root, holdout, steps=1, replay=1, tolerance=100.0)
+    learner.observe(*train.decoded(0))
+    assert learner.version == 2
+    ModelRegistry(root).rollback()  # e.g. `everseg models rollback` while the server runs
+    assert learner.follow() and learner.version == 1
+    obs = learner.observe(*train.decoded(1))
+    assert ModelRegistry(root).entry(obs.version)["parent"] == 1  # trained from what is served
+
+
+def test_new_classes_are_taught_together_and_guarded(setup):
+    train, holdout, model, root = setup
+    learner = OnlineLearner(model, root, holdout, steps=1, replay=1, tolerance=100.0, memory_size=4)
+    learner.observe(*train.decoded(0))  # something old in the memory to rehearse
+    n = model.num_classes
+    images, masks = [], []
+    for i in (1, 2):
+        image, mask = train.decoded(i)
+        mask = mask.copy()
+        mask[:8, :8] = n  # the new class, id right after the known ones
+        images.append(image)
+        masks.append(mask)
+    obs = learner.learn_new_classes(images, masks, ["Bollard"], epochs=1)
+    assert obs.accepted and learner.model.label_space.names[-1] == "Bollard"
+    assert learner.model.num_classes == n + 1
+    assert ModelRegistry(root).entry(obs.version)["info"]["new_classes"] == ["Bollard"]
+    # The holdout knows 11 classes; it is still scored on them, and later updates work.
+    assert learner.observe(*train.decoded(3)).version > obs.version

@@ -316,3 +316,23 @@ def align_labels(dataset: SegmentationDataset, label_space: LabelSpace) -> Segme
     if missing:
         raise DataError(None, f"dataset {dataset.name!r} has classes {missing} that the model does not know")
     return dataset.relabel(lut, label_space)
+
+
+def align_to_model(dataset: SegmentationDataset, label_space: LabelSpace
+                   ) -> tuple[SegmentationDataset, list[int] | None]:
+    """``dataset`` in the class ids of ``label_space`` (a model's), and the ids to score
+    (None = all).
+
+    A model taught new classes has a ``background`` class and the new ones besides the data's
+    classes, in its own order: the data is relabelled by class name, and only the classes the
+    data names are scored (the model's extra classes have no truth here, so their IoU would
+    only count the model's mistakes twice).
+    """
+    model_names, data_names = tuple(label_space.names), tuple(dataset.label_space.names)
+    if model_names[:len(data_names)] == data_names:
+        return dataset, None if len(model_names) == len(data_names) else list(range(len(data_names)))
+    unknown = [n for n in data_names if n not in model_names]
+    if unknown:
+        raise DataError(None, f"the dataset {dataset.name!r} has classes the model does not know: {unknown} "
+                              f"(model classes: {list(model_names)})")
+    return align_labels(dataset, label_space), sorted(model_names.index(n) for n in data_names)

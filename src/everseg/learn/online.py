@@ -18,7 +18,13 @@ Three things keep single-image updates from doing harm:
   ones the initial held-out set was drawn from.
 
 Each published version stores the memory it was trained with, and a learner restarted on the
-same registry takes it back.
+same registry takes it back. With ``keep_rejected`` a candidate the guardrail refuses is kept in
+the registry too (never active), with the reason. Several processes may share the registry (the
+server's update worker beside an operator's ``everseg models rollback``): :meth:`follow` takes up
+whatever version is active now.
+
+New classes arrive with :meth:`learn_new_classes`: a few images whose masks name them, taught
+together (the classifier grows, replay rehearses the old classes), under the same guardrail.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from torch.nn.modules.batchnorm import _NormBase
 
 from everseg.data.dataset import SegmentationDataset
 from everseg.data.io import check_labelled_pair
+from everseg.data.scenarios import align_to_model, has_background
 from everseg.data.transforms import AugmentConfig, train_transform
 from everseg.evaluate.metrics import SegmentationMetrics
 from everseg.learn.config import load_config
@@ -46,7 +53,7 @@ from everseg.learn.plugins import Plugin
 from everseg.learn.strategies.base import ContinualContext
 from everseg.learn.strategies.replay import Replay
 from everseg.learn.trainer import Trainer, cpu_has_native_bf16
-from everseg.models.registry import ModelRegistry
+from everseg.models.versions import ModelRegistry
 
 
 class _FrozenNorm(Plugin):
@@ -66,6 +73,7 @@ class Observation:
     holdout_miou_after: float
     seconds: float
     held_out: bool = False  # the image joined the held-out set; nothing was trained
+    reason: str | None = None  # why a candidate was rejected
 
 
 class OnlineLearner:
@@ -86,18 +94,26 @@ class OnlineLearner:
             each update, from the pixel counts of the memory plus the new image.
         holdout_every: every k-th observed image is held out (scored by the guardrail from
             then on, never trained on); None = the held-out set stays as given.
+        keep_rejected: keep refused candidates in the registry (status "rejected", with the reason).
+        publish_info: added to the info of every version this learner publishes.
+
+    Holdout mIoU is over the holdout's own classes: a model with more (a background class, new
+    classes) is scored on the data's classes, relabelled by name.
     """
 
     def __init__(self, model: nn.Module, registry: str | Path | ModelRegistry, holdout: SegmentationDataset, *,
                  memory: ReplayMemory | None = None, memory_size: int = 20, steps: int = 4, replay: int = 3,
                  lr: float = 0.002, tolerance: float = 1.0, crop_size: tuple[int, int] | None = None, seed: int = 0,
-                 class_weights: str = "inverse_sqrt", holdout_every: int | None = None):
+                 class_weights: str = "inverse_sqrt", holdout_every: int | None = None,
+                 keep_rejected: bool = False, publish_info: dict | None = None):
         if holdout_every is not None and holdout_every < 2:
             raise ValueError(f"holdout_every must be at least 2 (every image held out trains nothing), "
                              f"got {holdout_every}")
         self.registry = registry if isinstance(registry, ModelRegistry) else ModelRegistry(registry)
-        self.holdout = holdout
+        self.holdout, self._scored = align_to_model(holdout, model.label_space)
         self.holdout_every = holdout_every
+        self.keep_rejected = keep_rejected
+        self.publish_info = dict(publish_info or {})
         self._held_out: list[tuple[np.ndarray, np.ndarray, str]] = []
         self.class_weights = class_weights
         compute_class_weights(np.ones((1, 2)), class_weights)  # refuses an unknown method now, not mid-stream
@@ -115,11 +131,13 @@ class OnlineLearner:
             "data.crop_size": list(crop_size) if crop_size else None, "data.scale": [0.9, 1.1]})
         self.augment = train_transform(AugmentConfig(crop_size=crop_size, scale=(0.9, 1.1)))
         if self.registry.current is None:
-            self._publish(model, parent=None, info={"source": "initial"})
             self._model = model.eval()
+            self._confusion = self._holdout_confusion(self._model)
+            self._version = self._publish(model, parent=None, info={"source": "initial"})
         else:
-            self._model = self.registry.load().eval()
-        self._confusion = self._holdout_confusion(self._model)
+            self._version = self.registry.current
+            self._model = self.registry.load(self._version).eval()
+            self._confusion = self._holdout_confusion(self._model)
 
     @property
     def model(self) -> nn.Module:
@@ -127,7 +145,19 @@ class OnlineLearner:
 
     @property
     def version(self) -> int:
-        return self.registry.current
+        """The version this learner serves and trains from."""
+        return self._version
+
+    def follow(self) -> bool:
+        """Take up the registry's active version if another process changed it; True if so."""
+        current = self.registry.current
+        if current is None or current == self._version:
+            return False
+        model = self.registry.load(current).eval()
+        confusion = self._holdout_confusion(model)
+        with self._lock:
+            self._model, self._confusion, self._version = model, confusion, current
+        return True
 
     def predict(self, image: np.ndarray) -> np.ndarray:
         """Class ids (H x W) for an RGB uint8 image, from the current published model."""
@@ -141,7 +171,10 @@ class OnlineLearner:
     @property
     def holdout_miou(self) -> float:
         """The current model's mIoU on the held-out set (given + held out from the stream)."""
-        return SegmentationMetrics.from_confusion(self._confusion).miou
+        return self._miou(self._confusion)
+
+    def _miou(self, confusion: np.ndarray) -> float:
+        return SegmentationMetrics.from_confusion(confusion, self._scored).miou
 
     def _held_out_set(self, items) -> SegmentationDataset:
         images, masks, stems = zip(*items)
@@ -158,10 +191,14 @@ class OnlineLearner:
             sets.append(self._held_out_set(items))
         return sum(evaluate(model, d, autocast_bf16=self.bf16, progress=False).metrics.confusion for d in sets)
 
-    def _publish(self, model: nn.Module, parent: int | None, info: dict) -> int:
-        version = self.registry.publish(model, parent=parent, info=info)
-        self.memory.save(self.registry.path(version) / "memory")  # a restarted learner replays the same images
-        return version
+    def _publish(self, model: nn.Module, parent: int | None, info: dict, *, rejected: str | None = None) -> int:
+        """Publish (or keep, rejected) a version with its memory, which a restarted learner replays."""
+        info = {**self.publish_info, **info, "holdout_miou": info.get("holdout_miou", self.holdout_miou),
+                "classes": list(model.label_space.names)}
+        if rejected is not None:
+            return self.registry.publish(model, parent=parent, info=info, status="rejected", reason=rejected)
+        return self.registry.publish(model, parent=parent, info=info,
+                                     save_extra=lambda folder: self.memory.save(folder / "memory"))
 
     def _update_config(self, mask: np.ndarray):
         """The update's config: class weights from what it trains on (memory + the new image)."""
@@ -174,12 +211,13 @@ class OnlineLearner:
         loss = self.config.loss.model_copy(update={"class_weights": weights.tolist()})
         return self.config.model_copy(update={"loss": loss})
 
-    def observe(self, image: np.ndarray, mask: np.ndarray, stem: str | None = None) -> Observation:
+    def observe(self, image: np.ndarray, mask: np.ndarray, stem: str | None = None,
+                info: dict | None = None) -> Observation:
         """Train a copy on this image (+ replay); publish it if the holdout guardrail allows.
 
         ``image``: RGB uint8 ``H x W x 3``; ``mask``: ``H x W`` class ids of the model's label
         space, 255 = unlabelled. With ``holdout_every`` set, every k-th image is instead added
-        to the held-out set.
+        to the held-out set. ``info`` goes into the published version's info.
         """
         ls = self._model.label_space
         check_labelled_pair(image, mask, ls.num_classes, ls.ignore_index, what=stem or "observed image")
@@ -188,7 +226,7 @@ class OnlineLearner:
         self._seen += 1
         stem = stem or f"online-{self._seen}"
         with self._lock:
-            base, parent = self._model, self.registry.current
+            base, parent = self._model, self._version
         data = SegmentationDataset.from_arrays([image], [mask], base.label_space, [stem], name="online")
         if self.holdout_every and self._seen % self.holdout_every == 0:
             before = self.holdout_miou
@@ -206,19 +244,64 @@ class OnlineLearner:
             Trainer(candidate, data.with_transform(self.augment), None, self._update_config(mask), tmp,
                     plugins=[_FrozenNorm(), replay], progress=False, write_run=False).fit()
         candidate.eval()
+        return self._guard(candidate, parent, info={"observed": stem, **(info or {})}, start=start,
+                           remember=lambda: self._remember(image, mask, stem))
+
+    def _guard(self, candidate: nn.Module, parent: int, *, info: dict, start: float,
+               remember=None) -> Observation:
+        """Score ``candidate`` on the holdout; publish it within the tolerance, else keep it as
+        rejected (``keep_rejected``). ``remember`` updates the memory before it is saved."""
         confusion = self._holdout_confusion(candidate)
-        before = self.holdout_miou
-        after = SegmentationMetrics.from_confusion(confusion).miou
+        before, after = self.holdout_miou, self._miou(confusion)
         accepted = after >= before - self.tolerance
-        self._remember(image, mask, stem)
+        if remember is not None:
+            remember()
+        info = {**info, "holdout_miou": after, "previous": before}
+        reason = None
         if accepted:
-            version = self._publish(candidate, parent=parent,
-                                    info={"observed": stem, "holdout_miou": after, "previous": before})
+            version = self._publish(candidate, parent=parent, info=info)
             with self._lock:
-                self._model, self._confusion = candidate, confusion
+                self._model, self._confusion, self._version = candidate, confusion, version
         else:
-            version = parent
-        return Observation(accepted, version, before, after, time.perf_counter() - start)
+            reason = (f"holdout mIoU {after:.2f} is more than the tolerance of {self.tolerance:g} below "
+                      f"version {parent}'s {before:.2f}")
+            version = self._publish(candidate, parent=parent, info=info, rejected=reason) if self.keep_rejected \
+                else parent
+        return Observation(accepted, version, before, after, time.perf_counter() - start, reason=reason)
+
+    def learn_new_classes(self, images: list[np.ndarray], masks: list[np.ndarray], names: list[str], *,
+                          minutes: float = 2.0, epochs: int = 30, info: dict | None = None) -> Observation:
+        """Teach the classes ``names`` from ``images`` whose masks use the grown label space (the
+        current classes, then ``names``), rehearsing the old classes from the memory; guarded
+        and published like :meth:`observe`. Training runs ``epochs`` passes over the images or
+        ``minutes``, whichever ends first."""
+        start = time.perf_counter()
+        with self._lock:
+            base, parent = self._model, self._version
+        grown = base.label_space.extend(list(names))
+        for i, (image, mask) in enumerate(zip(images, masks)):
+            check_labelled_pair(image, mask, grown.num_classes, grown.ignore_index, what=f"new-class example {i}")
+        stems = [f"new-{'-'.join(names)}-{self._seen + i + 1}" for i in range(len(images))]
+        self._seen += len(images)
+        data = SegmentationDataset.from_arrays(list(images), [np.asarray(m).astype(np.uint8) for m in masks],
+                                               grown, stems, name="new classes")
+        candidate = copy.deepcopy(base)
+        # MiB's initialisation where a background class exists: new classes start as background.
+        candidate.grow_classifier(grown, init="background" if has_background(base.label_space) else "random")
+        ctx = ContinualContext(step=None, step_index=self._seen, old_model=None, old_num_classes=base.num_classes,
+                               memory=self.memory)
+        replay = Replay(fraction=float(self.replay), seed=self._seen)
+        replay.begin_step(ctx)
+        torch.manual_seed(self._seen)
+        cfg = self.config.model_copy(update={"train": self.config.train.model_copy(
+            update={"epochs": epochs, "max_minutes": minutes})})
+        with tempfile.TemporaryDirectory() as tmp:
+            Trainer(candidate, data.with_transform(self.augment), None, cfg, tmp,
+                    plugins=[_FrozenNorm(), replay], progress=False, write_run=False).fit()
+        candidate.eval()
+        # The holdout's classes keep their ids in the grown space, so the scores compare.
+        return self._guard(candidate, parent, info={"new_classes": list(names), **(info or {})}, start=start,
+                           remember=lambda: self.memory.update(data, step=self._seen))
 
     def _remember(self, image: np.ndarray, mask: np.ndarray, stem: str) -> None:
         one = SegmentationDataset.from_arrays([image], [mask], self._model.label_space, [stem], name="online")
@@ -226,8 +309,6 @@ class OnlineLearner:
 
     def rollback(self, version: int | None = None) -> int:
         """Serve an earlier version again (default: the current one's parent)."""
-        with self._lock:
-            version = self.registry.rollback(version)
-            self._model = self.registry.load(version).eval()
-            self._confusion = self._holdout_confusion(self._model)
-            return version
+        version = self.registry.rollback(version)
+        self.follow()
+        return version

@@ -1,0 +1,306 @@
+"""The HTTP service: predictions from the active model version, corrections queued for the
+update worker, versions listed, activated and rolled back, Prometheus metrics, the web page.
+
+The app never trains: the update worker (:mod:`everseg.serve.worker`, its own process)
+does, and publishes versions to the registry. The app follows the registry's active version
+(:class:`ServedModel` looks every ``poll_seconds``), loading a new version beside the one
+serving and swapping them in one assignment, so a prediction is never blocked by an update
+and always names the version that made it.
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import io
+import logging
+import threading
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from fastapi import Depends, FastAPI, File, Form, HTTPException, Query, Request, UploadFile
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from torch import nn
+
+from everseg.models.saving import read_model_config
+from everseg.models.versions import ModelRegistry, RegistryError
+from everseg.serve.feedback import FeedbackStore, QueueFull
+from everseg.serve.metrics import ServiceMetrics
+from everseg.serve.uploads import UploadError, encode_png, read_image_upload, read_mask_upload
+
+log = logging.getLogger(__name__)
+STATIC = Path(__file__).parent / "static"
+
+
+@dataclass
+class ServeSettings:
+    """How the service runs; ``everseg serve`` fills it from its options."""
+
+    registry: Path  # the registry folder: versions, registry.db, feedback files
+    token: str  # the bearer token mutating endpoints require
+    max_upload_bytes: int = 20 * 2**20  # largest request body (413 above)
+    max_pixels: int = 25_000_000  # largest image, read from its header before decoding (413 above)
+    max_queued: int = 100  # feedback items waiting at most (429 above)
+    poll_seconds: float = 0.25  # how often the active version is looked up
+    bf16: bool | None = None  # bfloat16 inference; None = when the CPU has native bf16
+    extra: dict[str, Any] = field(default_factory=dict)  # shown on /healthz (holdout, worker)
+
+
+class ServedModel:
+    """The active version's model, kept in step with the registry by a background thread."""
+
+    def __init__(self, registry: ModelRegistry, poll_seconds: float = 0.25):
+        self.registry = registry
+        self.poll_seconds = poll_seconds
+        self._lock = threading.Lock()
+        version = registry.current
+        if version is None:
+            raise RegistryError(f"{registry.root}: the registry has no model yet; pass --model to publish one")
+        self._served: tuple[int, nn.Module] = (version, self._prepare(registry.load(version)))
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.load_errors = 0
+
+    @staticmethod
+    def _prepare(model: nn.Module) -> nn.Module:
+        return model.eval().to(memory_format=torch.channels_last)
+
+    def get(self) -> tuple[int, nn.Module]:
+        with self._lock:
+            return self._served
+
+    def refresh(self) -> bool:
+        """Load the active version if it changed; True when it did. A version that fails to
+        load leaves the current one serving (and is retried at the next look)."""
+        version = self.registry.current
+        if version is None or version == self._served[0]:
+            return False
+        try:
+            model = self._prepare(self.registry.load(version))
+        except Exception as exc:  # a broken folder must not take the service down
+            self.load_errors += 1
+            log.error("cannot load version %s, still serving %s: %s", version, self._served[0], exc)
+            return False
+        with self._lock:
+            self._served = (version, model)
+        log.info("serving version %d", version)
+        return True
+
+    def start(self) -> None:
+        def loop() -> None:
+            while not self._stop.wait(self.poll_seconds):
+                self.refresh()
+        self._thread = threading.Thread(target=loop, name="everseg-follow-registry", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+
+def predict_response(model: nn.Module, version: int, rgb: np.ndarray, bf16: bool) -> dict[str, Any]:
+    """The JSON of ``POST /v1/predict`` (plus the class ids, for the other formats)."""
+    from everseg.evaluate import predict_image
+
+    start = time.perf_counter()
+    ids, conf = predict_image(model, rgb, autocast_bf16=bf16, channels_last=True)
+    seconds = time.perf_counter() - start
+    ls = model.label_space
+    counts = np.bincount(ids.ravel(), minlength=ls.num_classes)[:ls.num_classes]
+    areas = {ls.names[c]: float(counts[c]) / ids.size for c in range(ls.num_classes) if counts[c]}
+    return {"version": version, "classes": list(ls.names), "colors": [list(c) for c in ls.palette],
+            "areas": areas, "confidence": float(conf.astype(np.float32).mean()), "seconds": seconds,
+            "height": int(ids.shape[0]), "width": int(ids.shape[1]), "_ids": ids}
+
+
+def create_app(settings: ServeSettings, *, served: ServedModel | None = None,
+               store: FeedbackStore | None = None, registry: ModelRegistry | None = None) -> FastAPI:
+    """The FastAPI app. ``served`` / ``store`` / ``registry`` default to new ones on
+    ``settings.registry``; the app starts following the registry when it starts up."""
+    from everseg.learn.trainer import cpu_has_native_bf16
+
+    registry = registry or ModelRegistry(settings.registry)
+    served = served or ServedModel(registry, settings.poll_seconds)
+    store = store or FeedbackStore(settings.registry, max_queued=settings.max_queued)
+    metrics = ServiceMetrics(registry, store)
+    bf16 = cpu_has_native_bf16() if settings.bf16 is None else settings.bf16
+    # One prediction at a time, with all cores: on 2 cores two at once, each with 2 threads,
+    # only made each slower (benchmarks/serve.py).
+    infer_lock = threading.Lock()
+
+    @asynccontextmanager
+    async def lifespan(app):  # noqa: ARG001 - FastAPI's signature
+        served.start()
+        yield
+        served.stop()
+
+    app = FastAPI(title="everseg", version="1", lifespan=lifespan,
+                  description="Predictions, corrections that teach the model, versions with rollback.")
+    app.state.served, app.state.store, app.state.registry, app.state.metrics = served, store, registry, metrics
+
+    @app.middleware("http")
+    async def limit_and_time(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > settings.max_upload_bytes:
+            return JSONResponse({"detail": f"request body of {int(length):,} bytes is over the limit of "
+                                           f"{settings.max_upload_bytes:,}"}, status_code=413)
+        start = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        endpoint = getattr(route, "path", "other")
+        metrics.observe_request(endpoint, request.method, response.status_code, time.perf_counter() - start,
+                                served.get()[0])
+        return response
+
+    def authorized(request: Request) -> None:
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), settings.token.encode()):
+            raise HTTPException(401, "this endpoint needs 'Authorization: Bearer TOKEN' (the token file "
+                                      "`everseg serve` printed when it started)",
+                                 headers={"WWW-Authenticate": "Bearer"})
+
+    async def read_upload(upload: UploadFile, what: str) -> bytes:
+        data = await upload.read(settings.max_upload_bytes + 1)
+        if len(data) > settings.max_upload_bytes:
+            raise UploadError(413, f"{what} is over the upload limit of {settings.max_upload_bytes:,} bytes")
+        return data
+
+    @app.exception_handler(UploadError)
+    async def upload_error(request: Request, exc: UploadError):  # noqa: ARG001
+        return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, Any]:
+        return {"status": "ok", "version": served.get()[0], **settings.extra}
+
+    @app.post("/v1/predict")
+    async def predict(image: UploadFile = File(..., description="PNG or JPEG"),
+                      format: str = Query("json", pattern="^(json|png|overlay)$",
+                                          description="json, png (class ids) or overlay"),
+                      include: str = Query("", pattern="^(mask)?$",
+                                           description="json only: 'mask' adds mask_png, the class ids as a "
+                                                       "base64 grayscale PNG")):
+        rgb, _ = read_image_upload(await read_upload(image, "image"), max_pixels=settings.max_pixels)
+        version, model = served.get()
+
+        def run() -> dict[str, Any]:
+            with infer_lock:
+                return predict_response(model, version, rgb, bf16)
+
+        out = await run_in_threadpool(run)
+        ids = out.pop("_ids")
+        metrics.observe_prediction(version, out["confidence"], model.label_space.names, ids)
+        headers = {"X-Everseg-Version": str(version)}
+        if format == "png":
+            return Response(encode_png(ids, list(model.label_space.palette)), media_type="image/png",
+                            headers=headers)
+        if format == "overlay":
+            from PIL import Image
+
+            from everseg.evaluate import overlay, with_legend
+
+            buf = io.BytesIO()
+            Image.fromarray(with_legend(overlay(rgb, ids, model.label_space), ids, model.label_space)).save(
+                buf, format="PNG")
+            return Response(buf.getvalue(), media_type="image/png", headers=headers)
+        if include == "mask":
+            out["mask_png"] = base64.b64encode(encode_png(ids)).decode("ascii")
+        return JSONResponse(out, headers=headers)
+
+    @app.post("/v1/feedback", status_code=202, dependencies=[Depends(authorized)])
+    async def feedback(image: UploadFile = File(..., description="PNG or JPEG"),
+                       mask: UploadFile = File(..., description="PNG of class ids, 255 = unlabelled"),
+                       new_classes: str = Form("", description="comma-separated names of new classes"),
+                       served_version: int | None = Form(None, description="the version whose prediction was "
+                                                         "corrected (default: the one serving now)")):
+        image_bytes = await read_upload(image, "image")
+        mask_bytes = await read_upload(mask, "mask")
+        rgb, suffix = read_image_upload(image_bytes, max_pixels=settings.max_pixels)
+        names = [n.strip() for n in new_classes.split(",")] if new_classes.strip() else []
+        version, model = served.get()
+        if served_version is not None:
+            try:
+                registry.entry(served_version)
+            except RegistryError as exc:
+                raise UploadError(400, f"served_version: {exc}") from None
+            version = served_version
+        # The mask's ids are those of the classes the client was shown: the served version's.
+        known = (list(model.label_space.names) if version == served.get()[0]
+                 else list(read_model_config(registry.path(version))["label_space"]["names"]))
+        if any(not n for n in names) or len(set(names)) != len(names):
+            raise UploadError(400, f"new_classes {new_classes!r}: empty or repeated names")
+        clash = [n for n in names if n in known]
+        if clash:
+            raise UploadError(400, f"new_classes {clash} are classes the model already has")
+        if len(known) + len(names) > 255:
+            raise UploadError(400, "at most 255 classes")
+        read_mask_upload(mask_bytes, height=rgb.shape[0], width=rgb.shape[1], num_classes=len(known) + len(names),
+                         ignore_index=255, max_pixels=settings.max_pixels)
+        try:
+            item = store.add(image_bytes, suffix, mask_bytes, height=rgb.shape[0], width=rgb.shape[1],
+                             new_classes=names, label_names=known + names, served_version=version)
+        except QueueFull as exc:
+            raise HTTPException(429, str(exc), headers={"Retry-After": "10"}) from None
+        return {"id": item.id, "status": item.status}
+
+    @app.get("/v1/feedback/{item_id}")
+    def feedback_status(item_id: int) -> dict[str, Any]:
+        try:
+            return store.get(item_id).public()
+        except KeyError:
+            raise HTTPException(404, f"no feedback item {item_id}") from None
+
+    @app.get("/v1/models")
+    def models() -> list[dict[str, Any]]:
+        return [model_summary(v, store) for v in registry.versions()]
+
+    @app.post("/v1/models/{version}/activate", dependencies=[Depends(authorized)])
+    def activate(version: int) -> dict[str, Any]:
+        try:
+            registry.activate(version, reason="activated through the API")
+        except RegistryError as exc:
+            raise HTTPException(404, str(exc)) from None
+        served.refresh()
+        return {"active": served.get()[0]}
+
+    @app.post("/v1/models/rollback", dependencies=[Depends(authorized)])
+    def rollback() -> dict[str, Any]:
+        try:
+            version = registry.rollback(reason="rolled back through the API")
+        except RegistryError as exc:
+            raise HTTPException(409, str(exc)) from None
+        served.refresh()
+        return {"active": served.get()[0], "rolled_back_to": version}
+
+    @app.get("/metrics")
+    def prometheus() -> Response:
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
+    @app.get("/", include_in_schema=False)
+    def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app
+
+
+def model_summary(entry: dict[str, Any], store: FeedbackStore, window: int = 50) -> dict[str, Any]:
+    """One version as ``GET /v1/models`` lists it."""
+    info = entry["info"]
+    scores = store.feedback_mious(entry["version"], window)
+    return {"version": entry["version"], "parent": entry["parent"], "created": entry["created"],
+            "status": entry["status"], "reason": entry["reason"], "active": entry["active"],
+            "holdout_miou": info.get("holdout_miou"),
+            "feedback_miou": sum(scores) / len(scores) if scores else None, "feedback_scored": len(scores),
+            "produced_by": info.get("source", "unknown"), "feedback_ids": info.get("feedback_ids", []),
+            "classes": info.get("classes")}

@@ -1,0 +1,236 @@
+"""Corrections waiting to teach the model, kept so that acknowledged means stored.
+
+Each feedback item is an image, its corrected mask and optionally the names of new classes.
+:meth:`FeedbackStore.add` writes both files (fsynced, under names the server makes up: no
+client string becomes a path) and then commits the item's row; only then may the server
+answer 202. A ``kill -9`` before the commit leaves orphan files and no row (the client got
+no answer and retries); after it, the item is there and is processed after a restart.
+Items in ``training`` when the process died go back to ``queued``.
+
+The rows live in the registry's SQLite database (WAL), beside the model versions, so one
+transaction can cover both. The update lease (:meth:`acquire_lease`) makes one process of
+several (replicas of the server on one registry) the only one that trains.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from everseg.atomic import atomic_write
+from everseg.models.versions import connect
+
+STATUSES = ("queued", "training", "accepted", "rejected", "held_out", "failed")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS feedback (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    created REAL NOT NULL,
+    updated REAL NOT NULL,
+    status TEXT NOT NULL,                -- queued | training | accepted | rejected | held_out | failed
+    image TEXT NOT NULL,                 -- file names under <registry>/feedback/
+    mask TEXT NOT NULL,
+    height INTEGER NOT NULL,
+    width INTEGER NOT NULL,
+    new_classes TEXT NOT NULL DEFAULT '[]',   -- JSON list of names, ids following the known classes
+    label_names TEXT NOT NULL DEFAULT '[]',   -- JSON: the class name of each mask id when it was sent
+    served_version INTEGER,              -- the version whose prediction was scored against the mask
+    feedback_miou REAL,                  -- that prediction's mIoU against the corrected mask
+    version INTEGER,                     -- the version this item produced (accepted) or was kept as (rejected)
+    holdout_miou_before REAL,
+    holdout_miou_after REAL,
+    seconds REAL,                        -- time the update took
+    detail TEXT                          -- why: rejection reason, failure, what it waits for
+);
+CREATE INDEX IF NOT EXISTS feedback_status ON feedback (status, id);
+CREATE TABLE IF NOT EXISTS lease (
+    name TEXT PRIMARY KEY,
+    holder TEXT NOT NULL,
+    expires REAL NOT NULL
+);
+"""
+
+
+class QueueFull(RuntimeError):
+    """The feedback queue holds as many items as it may; the client should retry later."""
+
+
+@dataclass
+class FeedbackItem:
+    id: int
+    created: float
+    updated: float
+    status: str
+    image: Path
+    mask: Path
+    height: int
+    width: int
+    new_classes: list[str] = field(default_factory=list)
+    label_names: list[str] = field(default_factory=list)
+    served_version: int | None = None
+    feedback_miou: float | None = None
+    version: int | None = None
+    holdout_miou_before: float | None = None
+    holdout_miou_after: float | None = None
+    seconds: float | None = None
+    detail: str | None = None
+
+    def public(self) -> dict[str, Any]:
+        """What ``GET /v1/feedback/{id}`` shows (no file paths)."""
+        return {"id": self.id, "status": self.status, "created": self.created, "updated": self.updated,
+                "new_classes": self.new_classes, "served_version": self.served_version,
+                "feedback_miou": self.feedback_miou, "version": self.version,
+                "holdout_miou_before": self.holdout_miou_before, "holdout_miou_after": self.holdout_miou_after,
+                "seconds": self.seconds, "detail": self.detail}
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class FeedbackStore:
+    def __init__(self, root: str | Path, *, max_queued: int = 1000):
+        self.root = Path(root)
+        self.files = self.root / "feedback"
+        self.files.mkdir(parents=True, exist_ok=True)
+        self.max_queued = max_queued
+        self._lock = threading.RLock()
+        self._con = connect(self.root / "registry.db")
+        with self._lock:
+            self._con.executescript(_SCHEMA)  # idempotent; executescript commits on its own
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._con.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._con
+            except BaseException:
+                self._con.execute("ROLLBACK")
+                raise
+            self._con.execute("COMMIT")
+
+    def _items(self, sql: str, args: tuple = ()) -> list[FeedbackItem]:
+        with self._lock:
+            cur = self._con.execute(sql, args)
+            names = [d[0] for d in cur.description]
+            rows = [dict(zip(names, r)) for r in cur.fetchall()]
+        for r in rows:
+            r["image"], r["mask"] = self.files / r["image"], self.files / r["mask"]
+            r["new_classes"] = json.loads(r["new_classes"])
+            r["label_names"] = json.loads(r["label_names"])
+        return [FeedbackItem(**r) for r in rows]
+
+    def close(self) -> None:
+        with self._lock:
+            self._con.close()
+
+    # ------------------------------------------------------------------ the queue
+    def add(self, image_bytes: bytes, image_suffix: str, mask_bytes: bytes, *, height: int, width: int,
+            new_classes: list[str] | None = None, label_names: list[str] | None = None,
+            served_version: int | None = None) -> FeedbackItem:
+        """Store an item durably and return it (status ``queued``); raises :class:`QueueFull`.
+
+        ``label_names``: the class of each mask id as the client meant it (the served classes,
+        then ``new_classes``), so the ids still mean the same after the model has changed."""
+        if image_suffix not in (".png", ".jpg"):
+            raise ValueError(f"image suffix must be .png or .jpg, got {image_suffix!r}")
+        if self.count("queued") >= self.max_queued:
+            raise QueueFull(f"the feedback queue is full ({self.max_queued} items wait); retry later")
+        name = uuid.uuid4().hex  # the server's own name: nothing the client sent becomes a path
+        image, mask = f"{name}_image{image_suffix}", f"{name}_mask.png"
+        atomic_write(self.files / image, lambda p: p.write_bytes(image_bytes))
+        atomic_write(self.files / mask, lambda p: p.write_bytes(mask_bytes))
+        _fsync_dir(self.files)  # the renames themselves are durable before the row says they exist
+        now = time.time()
+        with self._write() as con:
+            cur = con.execute("INSERT INTO feedback (created, updated, status, image, mask, height, width, "
+                              "new_classes, label_names, served_version) VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?)",
+                              (now, now, image, mask, height, width, json.dumps(list(new_classes or [])),
+                               json.dumps(list(label_names or [])), served_version))
+            item_id = cur.lastrowid
+        return self.get(item_id)
+
+    def get(self, item_id: int) -> FeedbackItem:
+        found = self._items("SELECT * FROM feedback WHERE id = ?", (int(item_id),))
+        if not found:
+            raise KeyError(item_id)
+        return found[0]
+
+    def count(self, status: str | None = None) -> int:
+        with self._lock:
+            if status is None:
+                return self._con.execute("SELECT COUNT(*) FROM feedback").fetchone()[0]
+            return self._con.execute("SELECT COUNT(*) FROM feedback WHERE status = ?", (status,)).fetchone()[0]
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            rows = self._con.execute("SELECT status, COUNT(*) FROM feedback GROUP BY status").fetchall()
+        return {s: 0 for s in STATUSES} | {s: n for s, n in rows}
+
+    def queued(self, limit: int = 100) -> list[FeedbackItem]:
+        """Items waiting, oldest first."""
+        return self._items("SELECT * FROM feedback WHERE status = 'queued' ORDER BY id LIMIT ?", (limit,))
+
+    def items(self, *, since_id: int = 0, limit: int = 1000) -> list[FeedbackItem]:
+        return self._items("SELECT * FROM feedback WHERE id > ? ORDER BY id LIMIT ?", (since_id, limit))
+
+    def update(self, item_id: int, **fields: Any) -> None:
+        """Set columns of one item (``status`` among :data:`STATUSES`)."""
+        if "status" in fields and fields["status"] not in STATUSES:
+            raise ValueError(f"unknown feedback status {fields['status']!r}")
+        for key in ("new_classes", "label_names"):
+            if key in fields:
+                fields[key] = json.dumps(fields[key])
+        fields["updated"] = time.time()
+        cols = ", ".join(f"{k} = ?" for k in fields)
+        with self._write() as con:
+            con.execute(f"UPDATE feedback SET {cols} WHERE id = ?", (*fields.values(), int(item_id)))
+
+    def recover(self) -> int:
+        """Items a killed process was training on go back to the queue; returns how many."""
+        with self._write() as con:
+            return con.execute("UPDATE feedback SET status = 'queued', updated = ?, detail = "
+                               "'requeued: the update was interrupted' WHERE status = 'training'",
+                               (time.time(),)).rowcount
+
+    def feedback_mious(self, version: int, limit: int | None = None) -> list[float]:
+        """The feedback mIoU of predictions served by ``version``, most recent first."""
+        sql = ("SELECT feedback_miou FROM feedback WHERE served_version = ? AND feedback_miou IS NOT NULL "
+               "ORDER BY id DESC" + (" LIMIT ?" if limit else ""))
+        with self._lock:
+            rows = self._con.execute(sql, (version, limit) if limit else (version,)).fetchall()
+        return [r[0] for r in rows]
+
+    # ------------------------------------------------------------------ the update lease
+    def acquire_lease(self, holder: str, seconds: float, name: str = "updates") -> bool:
+        """Take or renew the lease ``name`` for ``seconds``; False while another holder has it."""
+        now = time.time()
+        with self._write() as con:
+            row = con.execute("SELECT holder, expires FROM lease WHERE name = ?", (name,)).fetchone()
+            if row is not None and row[0] != holder and row[1] > now:
+                return False
+            con.execute("INSERT INTO lease (name, holder, expires) VALUES (?, ?, ?) ON CONFLICT(name) DO UPDATE "
+                        "SET holder = excluded.holder, expires = excluded.expires", (name, holder, now + seconds))
+        return True
+
+    def release_lease(self, holder: str, name: str = "updates") -> None:
+        with self._write() as con:
+            con.execute("DELETE FROM lease WHERE name = ? AND holder = ?", (name, holder))
+
+    def lease_holder(self, name: str = "updates") -> str | None:
+        with self._lock:
+            row = self._con.execute("SELECT holder, expires FROM lease WHERE name = ?", (name,)).fetchone()
+        return row[0] if row is not None and row[1] > time.time() else None
