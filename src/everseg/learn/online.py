@@ -33,7 +33,7 @@ import copy
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -74,6 +74,7 @@ class Observation:
     seconds: float
     held_out: bool = False  # the image joined the held-out set; nothing was trained
     reason: str | None = None  # why a candidate was rejected
+    timings: dict[str, float] = field(default_factory=dict)  # seconds: train, holdout, publish
 
 
 class OnlineLearner:
@@ -245,13 +246,18 @@ class OnlineLearner:
                     plugins=[_FrozenNorm(), replay], progress=False, write_run=False).fit()
         candidate.eval()
         return self._guard(candidate, parent, info={"observed": stem, **(info or {})}, start=start,
-                           remember=lambda: self._remember(image, mask, stem))
+                           remember=lambda: self._remember(image, mask, stem),
+                           timings={"train": time.perf_counter() - start})
 
     def _guard(self, candidate: nn.Module, parent: int, *, info: dict, start: float,
-               remember=None) -> Observation:
+               remember=None, timings: dict[str, float] | None = None) -> Observation:
         """Score ``candidate`` on the holdout; publish it within the tolerance, else keep it as
         rejected (``keep_rejected``). ``remember`` updates the memory before it is saved."""
+        timings = dict(timings or {})
+        scoring = time.perf_counter()
         confusion = self._holdout_confusion(candidate)
+        timings["holdout"] = time.perf_counter() - scoring
+        publishing = time.perf_counter()
         before, after = self.holdout_miou, self._miou(confusion)
         accepted = after >= before - self.tolerance
         if remember is not None:
@@ -267,7 +273,9 @@ class OnlineLearner:
                       f"version {parent}'s {before:.2f}")
             version = self._publish(candidate, parent=parent, info=info, rejected=reason) if self.keep_rejected \
                 else parent
-        return Observation(accepted, version, before, after, time.perf_counter() - start, reason=reason)
+        timings["publish"] = time.perf_counter() - publishing
+        return Observation(accepted, version, before, after, time.perf_counter() - start, reason=reason,
+                           timings=timings)
 
     def learn_new_classes(self, images: list[np.ndarray], masks: list[np.ndarray], names: list[str], *,
                           minutes: float = 2.0, epochs: int = 30, info: dict | None = None) -> Observation:
@@ -301,7 +309,8 @@ class OnlineLearner:
         candidate.eval()
         # The holdout's classes keep their ids in the grown space, so the scores compare.
         return self._guard(candidate, parent, info={"new_classes": list(names), **(info or {})}, start=start,
-                           remember=lambda: self.memory.update(data, step=self._seen))
+                           remember=lambda: self.memory.update(data, step=self._seen),
+                           timings={"train": time.perf_counter() - start})
 
     def _remember(self, image: np.ndarray, mask: np.ndarray, stem: str) -> None:
         one = SegmentationDataset.from_arrays([image], [mask], self._model.label_space, [stem], name="online")

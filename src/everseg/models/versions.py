@@ -25,12 +25,12 @@ import sqlite3
 import threading
 import time
 import uuid
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from torch import nn
 
+from everseg.database import connect, write_transaction
 from everseg.models.saving import load_model, save_model
 
 _SCHEMA = """
@@ -58,16 +58,6 @@ class RegistryError(ValueError):
     """A registry operation that cannot be done as asked (unknown version, nothing to roll back)."""
 
 
-def connect(path: Path, timeout: float = 30.0) -> sqlite3.Connection:
-    """A connection to a registry database: WAL, so readers never wait for a writer, and
-    ``synchronous=FULL``, so a committed row survives a power cut, not only a ``kill -9``."""
-    con = sqlite3.connect(str(path), timeout=timeout, isolation_level=None, check_same_thread=False)
-    con.execute("PRAGMA journal_mode=WAL")
-    con.execute("PRAGMA synchronous=FULL")
-    con.execute("PRAGMA foreign_keys=ON")
-    return con
-
-
 class ModelRegistry:
     def __init__(self, root: str | Path):
         self.root = Path(root)
@@ -82,19 +72,10 @@ class ModelRegistry:
         self._import_json_index()
 
     # ------------------------------------------------------------------ plumbing
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction, taken at once (BEGIN IMMEDIATE): no two writers interleave."""
-        with self._lock:
-            self._con.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._con
-            except BaseException:
-                self._con.execute("ROLLBACK")
-                raise
-            self._con.execute("COMMIT")
+    def _write(self):
+        return write_transaction(self._con, self._lock)
 
-    def _rows(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
+    def _rows(self, sql: str, args: tuple = ()) -> list[dict[str, Any]]:
         with self._lock:
             cur = self._con.execute(sql, args)
             names = [d[0] for d in cur.description]

@@ -16,17 +16,15 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
 import threading
 import time
 import uuid
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from everseg.atomic import atomic_write
-from everseg.models.versions import connect
+from everseg.database import connect, write_transaction
 
 STATUSES = ("queued", "training", "accepted", "rejected", "held_out", "failed")
 
@@ -48,6 +46,7 @@ CREATE TABLE IF NOT EXISTS feedback (
     holdout_miou_before REAL,
     holdout_miou_after REAL,
     seconds REAL,                        -- time the update took
+    timings TEXT NOT NULL DEFAULT '{}',  -- JSON: where that time went (score_served, train, holdout, publish)
     detail TEXT                          -- why: rejection reason, failure, what it waits for
 );
 CREATE INDEX IF NOT EXISTS feedback_status ON feedback (status, id);
@@ -57,6 +56,10 @@ CREATE TABLE IF NOT EXISTS lease (
     expires REAL NOT NULL
 );
 """
+
+
+# Columns added after the first release of the table, with their declarations.
+_ADDED_COLUMNS = {"timings": "TEXT NOT NULL DEFAULT '{}'"}
 
 
 class QueueFull(RuntimeError):
@@ -81,6 +84,7 @@ class FeedbackItem:
     holdout_miou_before: float | None = None
     holdout_miou_after: float | None = None
     seconds: float | None = None
+    timings: dict[str, float] = field(default_factory=dict)
     detail: str | None = None
 
     def public(self) -> dict[str, Any]:
@@ -89,7 +93,7 @@ class FeedbackItem:
                 "new_classes": self.new_classes, "served_version": self.served_version,
                 "feedback_miou": self.feedback_miou, "version": self.version,
                 "holdout_miou_before": self.holdout_miou_before, "holdout_miou_after": self.holdout_miou_after,
-                "seconds": self.seconds, "detail": self.detail}
+                "seconds": self.seconds, "timings": self.timings, "detail": self.detail}
 
 
 def _fsync_dir(path: Path) -> None:
@@ -110,17 +114,13 @@ class FeedbackStore:
         self._con = connect(self.root / "registry.db")
         with self._lock:
             self._con.executescript(_SCHEMA)  # idempotent; executescript commits on its own
+            have = {row[1] for row in self._con.execute("PRAGMA table_info(feedback)")}
+            for column, decl in _ADDED_COLUMNS.items():  # a database made before the column existed
+                if column not in have:
+                    self._con.execute(f"ALTER TABLE feedback ADD COLUMN {column} {decl}")
 
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._con.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._con
-            except BaseException:
-                self._con.execute("ROLLBACK")
-                raise
-            self._con.execute("COMMIT")
+    def _write(self):
+        return write_transaction(self._con, self._lock)
 
     def _items(self, sql: str, args: tuple = ()) -> list[FeedbackItem]:
         with self._lock:
@@ -131,6 +131,7 @@ class FeedbackStore:
             r["image"], r["mask"] = self.files / r["image"], self.files / r["mask"]
             r["new_classes"] = json.loads(r["new_classes"])
             r["label_names"] = json.loads(r["label_names"])
+            r["timings"] = json.loads(r["timings"])
         return [FeedbackItem(**r) for r in rows]
 
     def close(self) -> None:
@@ -191,7 +192,7 @@ class FeedbackStore:
         """Set columns of one item (``status`` among :data:`STATUSES`)."""
         if "status" in fields and fields["status"] not in STATUSES:
             raise ValueError(f"unknown feedback status {fields['status']!r}")
-        for key in ("new_classes", "label_names"):
+        for key in ("new_classes", "label_names", "timings"):
             if key in fields:
                 fields[key] = json.dumps(fields[key])
         fields["updated"] = time.time()

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import subprocess
 import sys
 import threading
@@ -55,7 +56,13 @@ def prepare_registry(registry: Path, model: str | Path | None) -> ModelRegistry:
             raise ValueError(f"--registry {registry} has no model yet: pass --model MODEL to publish one as "
                              "version 1")
         source = resolve_model_dir(model).resolve()
-        version = reg.publish(load_trained_model(source), info={"source": "initial", "path": str(source)})
+
+        def with_memory(folder: Path) -> None:
+            # The replay memory saved with the model (scenario run, learn) is what updates rehearse.
+            if (source / "memory" / "memory.json").is_file():
+                shutil.copytree(source / "memory", folder / "memory")
+        version = reg.publish(load_trained_model(source), info={"source": "initial", "path": str(source)},
+                              save_extra=with_memory)
         log.info("published %s as version %d", source, version)
     elif model is not None:
         log.info("--registry %s has versions already (serving %d): --model is not published again",

@@ -164,6 +164,7 @@ class UpdateWorker:
         self.store.update(item.id, status="training", detail=None)
         try:
             self.score_served(item)
+            scored = time.perf_counter() - start
             learner = self.learner
             image, mask = self._read(item, tuple(learner.model.label_space.names))
             obs = learner.observe(image, mask, stem=f"feedback-{item.id}",
@@ -176,7 +177,8 @@ class UpdateWorker:
         status = "held_out" if obs.held_out else ("accepted" if obs.accepted else "rejected")
         self.store.update(item.id, status=status, version=obs.version if not obs.held_out else None,
                           holdout_miou_before=obs.holdout_miou_before, holdout_miou_after=obs.holdout_miou_after,
-                          seconds=time.perf_counter() - start, detail=obs.reason)
+                          seconds=time.perf_counter() - start, detail=obs.reason,
+                          timings={"score_served": scored, **obs.timings})
 
     def process_new_classes(self, items: list[FeedbackItem], names: list[str]) -> None:
         """Teach the new classes ``names`` from ``items`` (each has some of them)."""

@@ -1,0 +1,381 @@
+"""`everseg serve` measured: HTTP against in-process latency, latency under load while updates
+publish, feedback-to-version time and where it goes, and the dusk stream through the API
+against the in-process OnlineLearner.
+
+    .venv/bin/python benchmarks/serve.py            # everything (about 45 minutes on 2 cores)
+    .venv/bin/python benchmarks/serve.py --skip-stream
+
+Writes results/serve.json and the serve section of benchmarks/README.md. Every server runs as a
+real `everseg serve` process on loopback; the clients are threads of this process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from common import BENCH_DIR, SHARED_DATA, machine_info, update_readme_section, write_json
+
+RUNS = BENCH_DIR / "runs" / "serve"
+
+
+# ---------------------------------------------------------------------------- set-up
+def png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def demo_model() -> Path:
+    """The `everseg demo` model: the fresh-start set-up of the issue (no stored replay memory)."""
+    from everseg.workflows import run_demo
+
+    run = RUNS / "demo"
+    if not (run / "model" / "config.json").is_file():
+        run_demo(run, overwrite=True)
+    return run / "model"
+
+
+def write_folder(root: Path, data, indices, split: str) -> Path:
+    """Images ``indices`` of ``data`` as a folder-format dataset with one split list."""
+    if root.exists():
+        shutil.rmtree(root)
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    stems = []
+    for i in indices:
+        image, mask = data.decoded(i)
+        stem = data.samples[i].stem
+        Image.fromarray(image).save(root / "images" / f"{stem}.png")
+        Image.fromarray(mask).save(root / "masks" / f"{stem}.png")
+        stems.append(stem)
+    (root / "classes.txt").write_text("\n".join(data.label_space.names) + "\n")
+    (root / f"{split}.txt").write_text("\n".join(stems) + "\n")
+    return root
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A real `everseg serve` on loopback."""
+
+    def __init__(self, registry: Path, *args: str, log: Path):
+        import httpx
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.registry = registry
+        self.log = open(log, "wb")
+        self.proc = subprocess.Popen([sys.executable, "-m", "everseg", "serve", "--registry", str(registry),
+                                      "--port", str(self.port), *args], stdout=self.log, stderr=subprocess.STDOUT)
+        self.client = httpx.Client(timeout=120)
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            try:
+                if self.client.get(self.url + "/healthz").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        else:
+            raise RuntimeError(f"everseg serve did not start; see {log}")
+        self.token = (registry / "token").read_text().strip()
+
+    def predict(self, image_png: bytes) -> tuple[float, int, int]:
+        start = time.perf_counter()
+        r = self.client.post(self.url + "/v1/predict", files={"image": ("i.png", image_png, "image/png")})
+        seconds = time.perf_counter() - start
+        return seconds, r.status_code, int(r.json()["version"]) if r.status_code == 200 else -1
+
+    def feedback(self, image_png: bytes, mask_png: bytes) -> int:
+        r = self.client.post(self.url + "/v1/feedback", headers={"Authorization": f"Bearer {self.token}"},
+                             files={"image": ("i.png", image_png, "image/png"), "mask": ("m.png", mask_png, "image/png")})
+        r.raise_for_status()
+        return r.json()["id"]
+
+    def wait(self, item: int, poll: float = 0.05) -> dict:
+        while True:
+            got = self.client.get(f"{self.url}/v1/feedback/{item}").json()
+            if got["status"] in ("accepted", "rejected", "held_out", "failed"):
+                return got
+            time.sleep(poll)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+def pct(values, q) -> float:
+    return float(np.percentile(np.asarray(values, dtype=np.float64), q))
+
+
+# ---------------------------------------------------------------------------- measurements
+def predict_latency(model_dir: Path, images: list[bytes], arrays: list[np.ndarray], runs: Path) -> dict:
+    """One client: in-process predict_image against POST /v1/predict, same images, same threads."""
+    import torch
+
+    from everseg.evaluate import predict_image
+    from everseg.learn.trainer import cpu_has_native_bf16
+    from everseg.models import load_model
+
+    model = load_model(model_dir).to(memory_format=torch.channels_last)
+    bf16 = cpu_has_native_bf16()
+    for a in arrays[:5]:
+        predict_image(model, a, autocast_bf16=bf16, channels_last=True)
+    local = []
+    for a in arrays:
+        start = time.perf_counter()
+        predict_image(model, a, autocast_bf16=bf16, channels_last=True)
+        local.append(time.perf_counter() - start)
+    del model
+    server = Server(runs / "registry-latency", "--model", str(model_dir), log=runs / "latency.log")
+    try:
+        for b in images[:5]:
+            server.predict(b)
+        remote = [server.predict(b)[0] for b in images]
+    finally:
+        server.stop()
+    return {"images": len(images), "in_process_p50_ms": 1000 * pct(local, 50), "http_p50_ms": 1000 * pct(remote, 50),
+            "http_p99_ms": 1000 * pct(remote, 99), "ratio_p50": pct(remote, 50) / pct(local, 50)}
+
+
+def feedback_and_load(model_dir: Path, holdout: Path, test, images: list[bytes], runs: Path, *,
+                      corrections: int, clients: int, seconds: float) -> dict:
+    """Feedback-to-version time one item at a time, then clients predicting while updates publish."""
+    server = Server(runs / "registry-feedback", "--model", str(model_dir), "--holdout", str(holdout), "--split", "val",
+                    log=runs / "feedback.log")
+    try:
+        picks = list(range(0, len(test), max(1, len(test) // (corrections + 40))))
+        rng = random.Random(0)
+        rng.shuffle(picks)
+        # 1. One correction at a time: from the POST to the new version serving.
+        singles = []
+        for i in picks[:corrections]:
+            image, mask = test.decoded(i)
+            start = time.perf_counter()
+            item = server.wait(server.feedback(png(image), png(mask)))
+            if item["status"] == "accepted":
+                while server.client.get(server.url + "/healthz").json()["version"] != item["version"]:
+                    time.sleep(0.02)
+            singles.append({"seconds": time.perf_counter() - start, "status": item["status"],
+                            "worker_seconds": item["seconds"], "timings": item["timings"],
+                            "before": item["holdout_miou_before"], "after": item["holdout_miou_after"]})
+            print("feedback", singles[-1], flush=True)
+        # 2. Load: clients predict while a feeder keeps corrections coming.
+        stop = threading.Event()
+        results: list[tuple[float, int, int]] = []
+        lock = threading.Lock()
+
+        def client(k: int) -> None:
+            r = random.Random(k)
+            while not stop.is_set():
+                out = server.predict(images[r.randrange(len(images))])
+                with lock:
+                    results.append(out)
+
+        fed = []
+
+        def feeder() -> None:
+            for i in picks[corrections:]:
+                if stop.is_set():
+                    return
+                image, mask = test.decoded(i)
+                fed.append(server.wait(server.feedback(png(image), png(mask))))
+
+        threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)] + [threading.Thread(target=feeder)]
+        start = time.perf_counter()
+        for t in threads:
+            t.start()
+        time.sleep(seconds)
+        stop.set()
+        for t in threads:
+            t.join()
+        elapsed = time.perf_counter() - start
+        versions = server.client.get(server.url + "/v1/models").json()
+    finally:
+        server.stop()
+    published = {v["version"] for v in versions if v["status"] == "published"}
+    lat = [r[0] for r in results if r[1] == 200]
+    served = sorted({r[2] for r in results if r[1] == 200})
+    during = [f for f in fed if f["status"] == "accepted"]
+    first = [s["seconds"] for s in singles if s["status"] == "accepted"]
+    return {
+        "corrections": singles,
+        "accepted_one_at_a_time": sum(s["status"] == "accepted" for s in singles),
+        "feedback_to_version_median_s": pct(first, 50) if first else None,
+        "worker_median_s": pct([s["worker_seconds"] for s in singles], 50),
+        "median_timings": {k: pct([s["timings"].get(k, 0.0) for s in singles], 50)
+                           for k in ("score_served", "train", "holdout", "publish")},
+        "load": {"clients": clients, "seconds": elapsed, "requests": len(results),
+                 "errors": sum(r[1] != 200 for r in results), "p50_ms": 1000 * pct(lat, 50),
+                 "p99_ms": 1000 * pct(lat, 99), "versions_served": served,
+                 "all_served_versions_published": set(served) <= published,
+                 "versions_published_during_load": len(during), "corrections_during_load": len(fed)},
+    }
+
+
+def stream(args, runs: Path) -> dict:
+    """The dusk stream of benchmarks/continual.py, in process and through the HTTP API, with the
+    service's settings for both: the 0016E5 model, its memory filled with its own training
+    images, 21 day validation images as the holdout, the 62 dusk training images one by one."""
+    sys.path.insert(0, str(BENCH_DIR))
+    import continual as bench_continual
+
+    from everseg.data import open_dataset
+    from everseg.evaluate import evaluate
+    from everseg.learn.memory import ReplayMemory
+    from everseg.learn.online import OnlineLearner
+    from everseg.learn.trainer import cpu_has_native_bf16
+    from everseg.models import load_model, save_model
+
+    cargs = argparse.Namespace(data=args.data, config=BENCH_DIR.parent / "configs" / "camvid.yaml",
+                               runs=BENCH_DIR / "runs" / "continual", domain_base_minutes=10.0, base_minutes=15.0,
+                               threads=None, overrides={}, set=[], memory=20)
+    scenario = bench_continual._scenario("camvid-domains", cargs)
+    base_dir = bench_continual.base_model("camvid-domains", cargs)
+    pool = open_dataset(args.data, dataset="camvid", split="train")
+    order = sorted((i for i, s in enumerate(pool.samples) if s.group == "0001TP"), key=lambda i: pool.samples[i].stem)
+    val = open_dataset(args.data, dataset="camvid", split="val")
+    holdout_dir = write_folder(runs / "stream-holdout", val, range(0, len(val), 5), "val")
+    holdout = open_dataset(holdout_dir, dataset="folder", split="val")
+    bf16 = cpu_has_native_bf16()
+
+    memory = ReplayMemory(20, policy="class_balanced")
+    memory.update(scenario.steps[0].train, step=0)
+    start_dir = runs / "stream-start"
+    if start_dir.exists():
+        shutil.rmtree(start_dir)
+    save_model(load_model(base_dir), start_dir)
+    memory.save(start_dir / "memory")
+
+    def scores(model) -> dict:
+        return {d: evaluate(model, v, autocast_bf16=bf16, progress=False).metrics.miou
+                for d, v in scenario.steps[0].tests.items()}
+
+    # In process: the learner the worker builds, on the same model, memory and holdout.
+    shutil.rmtree(runs / "stream-registry-local", ignore_errors=True)
+    learner = OnlineLearner(load_model(start_dir), runs / "stream-registry-local", holdout,
+                            memory=ReplayMemory.load(start_dir / "memory"), keep_rejected=True)
+    t0, accepted = time.perf_counter(), 0
+    for i in order:
+        accepted += learner.observe(*pool.decoded(i), stem=pool.samples[i].stem).accepted
+    local = {"accepted": accepted, "seconds": time.perf_counter() - t0, **scores(learner.model)}
+    print("stream in process", local, flush=True)
+
+    server = Server(runs / "stream-registry-http", "--model", str(start_dir), "--holdout", str(holdout_dir),
+                    "--split", "val", log=runs / "stream.log")
+    try:
+        t0, accepted = time.perf_counter(), 0
+        for i in order:
+            image, mask = pool.decoded(i)
+            accepted += server.wait(server.feedback(png(image), png(mask)))["status"] == "accepted"
+        seconds = time.perf_counter() - t0
+        active = server.client.get(server.url + "/healthz").json()["version"]
+    finally:
+        server.stop()
+    from everseg.models.versions import ModelRegistry
+
+    http = {"accepted": accepted, "seconds": seconds, **scores(ModelRegistry(runs / "stream-registry-http").load(active))}
+    print("stream through HTTP", http, flush=True)
+    start_scores = scores(load_model(start_dir))
+    return {"images": len(order), "start": start_scores, "in_process": local, "http": http}
+
+
+# ---------------------------------------------------------------------------- report
+def table(r: dict) -> str:
+    m, lat, fb = r["machine"], r["latency"], r["feedback"]
+    load = fb["load"]
+    t = fb["median_timings"]
+    out = ["## Serving (`python benchmarks/serve.py`)", "",
+           f"{m['date']}, commit {m['commit']}, {m['cpu']}, {m['cores']} cores, torch {m['torch']}. A real "
+           "`everseg serve` on loopback (its update worker a second, niced process), clients in threads of the "
+           f"benchmark. Model: the `everseg demo` model (no stored replay memory: a fresh start). Images: CamVid "
+           f"test at 360x480; holdout: {r['holdout_images']} CamVid val images.", "",
+           "| measure | result | goal |", "|---|---:|---|",
+           f"| predict p50, in process (`predict_image`) | {lat['in_process_p50_ms']:.0f} ms | |",
+           f"| predict p50 / p99 over HTTP, one client | {lat['http_p50_ms']:.0f} / {lat['http_p99_ms']:.0f} ms | |",
+           f"| HTTP / in-process p50 | {lat['ratio_p50']:.2f}x | <= 1.15x |",
+           f"| {load['clients']} clients for {load['seconds']:.0f} s while corrections publish: requests, errors | "
+           f"{load['requests']}, {load['errors']} | 0 errors |",
+           f"| versions published during the load | {load['versions_published_during_load']} | >= 3 |",
+           f"| every response names a published version | {load['all_served_versions_published']} "
+           f"(served {', '.join(map(str, load['versions_served']))}) | yes |",
+           f"| p50 / p99 under that load | {load['p50_ms']:.0f} / {load['p99_ms']:.0f} ms "
+           f"({load['p99_ms'] / lat['http_p50_ms']:.1f}x idle p50) | p99 <= 3x idle p50 |",
+           f"| corrections accepted, one at a time | {fb['accepted_one_at_a_time']} of {len(fb['corrections'])} | "
+           ">= half |",
+           f"| correction -> new version serving, median | {fb['feedback_to_version_median_s'] or float('nan'):.1f} s | "
+           "<= 5 s |",
+           f"| of which the worker: score the served prediction / train / holdout / publish (medians) | "
+           f"{t['score_served']:.2f} / {t['train']:.2f} / {t['holdout']:.2f} / {t['publish']:.2f} s | |"]
+    first, last = fb["corrections"][0], fb["corrections"][-1]
+    out.append(f"| holdout mIoU before the first / after the last correction | {first['before']:.1f} / "
+               f"{last['after'] if last['status'] == 'accepted' else last['before']:.1f} | higher after |")
+    if r.get("stream"):
+        s = r["stream"]
+        out += ["", f"Dusk stream ({s['images']} images, the 0016E5 model of `benchmarks/continual.py` with its own "
+                "training images in memory, 21 day validation images as the holdout; the worker's settings in both):",
+                "", "| run | accepted | day mIoU | dusk mIoU | minutes |", "|---|---:|---:|---:|---:|",
+                f"| start | | {s['start']['day']:.1f} | {s['start']['dusk']:.1f} | |"]
+        for name, key in (("in process (`OnlineLearner`)", "in_process"), ("through the HTTP API", "http")):
+            v = s[key]
+            out.append(f"| {name} | {v['accepted']} | {v['day']:.1f} | {v['dusk']:.1f} | {v['seconds'] / 60:.1f} |")
+    return "\n".join(out)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", type=Path, default=SHARED_DATA / "camvid")
+    p.add_argument("--images", type=int, default=50, help="test images for the latency measurements")
+    p.add_argument("--corrections", type=int, default=20, help="corrections sent one at a time")
+    p.add_argument("--clients", type=int, default=4)
+    p.add_argument("--seconds", type=float, default=120.0, help="length of the load phase")
+    p.add_argument("--skip-stream", action="store_true")
+    args = p.parse_args()
+
+    from everseg.data import open_dataset
+
+    RUNS.mkdir(parents=True, exist_ok=True)
+    for old in RUNS.glob("registry-*"):
+        shutil.rmtree(old)
+    model_dir = demo_model()
+    test = open_dataset(args.data, dataset="camvid", split="test")
+    val = open_dataset(args.data, dataset="camvid", split="val")
+    holdout = write_folder(RUNS / "holdout", val, list(range(0, len(val), 5))[:20], "val")
+    picks = np.linspace(0, len(test) - 1, args.images).round().astype(int)
+    arrays = [test.decoded(i)[0] for i in picks]
+    images = [png(a) for a in arrays]
+    result = {"machine": machine_info(), "holdout_images": 20,
+              "latency": predict_latency(model_dir, images, arrays, RUNS)}
+    print("latency", result["latency"], flush=True)
+    result["feedback"] = feedback_and_load(model_dir, holdout, test, images, RUNS, corrections=args.corrections,
+                                           clients=args.clients, seconds=args.seconds)
+    print("load", result["feedback"]["load"], flush=True)
+    if not args.skip_stream:
+        result["stream"] = stream(args, RUNS)
+    write_json("serve", result)
+    update_readme_section("serve", table(result))
+    print(table(result))
+
+
+if __name__ == "__main__":
+    main()
