@@ -124,6 +124,14 @@ class Server:
         self.log.close()
 
 
+def correction_picks(n_test: int, corrections: int, extra: int = 40) -> list[int]:
+    """Test images to correct, in sending order: the first ``corrections`` are sent one at a time
+    (and by benchmarks/online_fresh.py), the rest feed the load phase."""
+    picks = list(range(0, n_test, max(1, n_test // (corrections + extra))))
+    random.Random(0).shuffle(picks)
+    return picks
+
+
 def pct(values, q) -> float:
     return float(np.percentile(np.asarray(values, dtype=np.float64), q))
 
@@ -164,9 +172,7 @@ def feedback_and_load(model_dir: Path, holdout: Path, test, images: list[bytes],
     server = Server(runs / "registry-feedback", "--model", str(model_dir), "--holdout", str(holdout), "--split", "val",
                     log=runs / "feedback.log")
     try:
-        picks = list(range(0, len(test), max(1, len(test) // (corrections + 40))))
-        rng = random.Random(0)
-        rng.shuffle(picks)
+        picks = correction_picks(len(test), corrections)
         # 1. One correction at a time: from the POST to the new version serving.
         singles = []
         for i in picks[:corrections]:
@@ -306,7 +312,8 @@ def table(r: dict) -> str:
     load = fb["load"]
     t = fb["median_timings"]
     out = ["## Serving (`python benchmarks/serve.py`)", "",
-           f"{m['date']}, commit {m['commit']}, {m['cpu']}, {m['cores']} cores, torch {m['torch']}. A real "
+           f"{m['date']}, commit {m['commit']}, {m['cpu']}, {m['cores']} cores, torch {m['torch']}, "
+           f"{'bfloat16' if m.get('bf16') else 'float32 (no native bfloat16 on this CPU)'}. A real "
            "`everseg serve` on loopback (its update worker a second, niced process), clients in threads of the "
            f"benchmark. Model: the `everseg demo` model (no stored replay memory: a fresh start). Images: CamVid "
            f"test at 360x480; holdout: {r['holdout_images']} CamVid val images.", "",
@@ -364,7 +371,9 @@ def main() -> None:
     picks = np.linspace(0, len(test) - 1, args.images).round().astype(int)
     arrays = [test.decoded(i)[0] for i in picks]
     images = [png(a) for a in arrays]
-    result = {"machine": machine_info(), "holdout_images": 20,
+    from everseg.learn.trainer import cpu_has_native_bf16
+
+    result = {"machine": {**machine_info(), "bf16": cpu_has_native_bf16()}, "holdout_images": 20,
               "latency": predict_latency(model_dir, images, arrays, RUNS)}
     print("latency", result["latency"], flush=True)
     result["feedback"] = feedback_and_load(model_dir, holdout, test, images, RUNS, corrections=args.corrections,

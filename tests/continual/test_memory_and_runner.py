@@ -43,7 +43,13 @@ def test_class_balanced_memory_keeps_rare_classes(designed, tmp_path):
     mem.save(tmp_path / "mem")
     back = ReplayMemory.load(tmp_path / "mem")
     assert [it.stem for it in back.items] == [it.stem for it in mem.items]
-    np.testing.assert_array_equal(back.items[0].mask, mem.items[0].mask)
+    for a, b in zip(back.items, mem.items):
+        np.testing.assert_array_equal(a.mask, b.mask)
+        np.testing.assert_array_equal(a.image, b.image)
+    # saved again (each published version saves its memory): the same files, byte for byte
+    back.save(tmp_path / "again")
+    for f in (tmp_path / "mem").iterdir():
+        assert (tmp_path / "again" / f.name).read_bytes() == f.read_bytes(), f.name
 
 
 def test_reservoir_memory_respects_budget_and_is_uniform(designed):

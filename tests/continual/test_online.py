@@ -51,6 +51,18 @@ def test_guardrail_rejects_updates_that_lose_accuracy(setup):
     assert len(ModelRegistry(root).versions()) == 1
 
 
+def test_a_diverged_update_is_refused_and_the_learner_goes_on(setup):
+    train, holdout, model, root = setup
+    learner = OnlineLearner(model, root, holdout, steps=3, replay=1, tolerance=100.0, lr=1e30, keep_rejected=True)
+    obs = learner.observe(*train.decoded(0))
+    assert obs.diverged and not obs.accepted and obs.holdout_miou_after is None
+    assert obs.version == 1 and learner.version == 1 and "diverged" in obs.reason and "not finite" in obs.reason
+    assert len(ModelRegistry(root).versions()) == 1  # a model of NaNs is not even kept as rejected
+    assert len(learner.memory) == 0  # nor is the image that made it replayed later
+    image, _ = train.decoded(1)
+    np.testing.assert_array_equal(learner.predict(image), OnlineLearner(model, root, holdout).predict(image))
+
+
 def test_bad_observation_names_the_problem(setup):
     train, holdout, model, root = setup
     learner = OnlineLearner(model, root, holdout, steps=1)

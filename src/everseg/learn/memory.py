@@ -13,9 +13,10 @@ never change meaning later, since new classes are appended.
 
 from __future__ import annotations
 
+import io
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -37,10 +38,24 @@ class MemoryItem:
     step: int
     image: np.ndarray  # uint8 H x W x 3
     mask: np.ndarray  # uint8 H x W, class ids as labelled at ``step``
+    # PNG bytes of (image, mask), made once: every version the online learner publishes saves
+    # the whole memory again, and encoding 20 images took most of a publish (0.4-1 s).
+    _png: tuple[bytes, bytes] | None = field(default=None, repr=False, compare=False)
+
+    def encoded(self) -> tuple[bytes, bytes]:
+        if self._png is None:
+            self._png = (_png_bytes(self.image), _png_bytes(self.mask))
+        return self._png
 
     def classes(self, ignore_index: int = 255) -> np.ndarray:
         ids, counts = np.unique(self.mask, return_counts=True)
         return ids[ids != ignore_index]
+
+
+def _png_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 class ReplayMemory:
@@ -133,8 +148,9 @@ class ReplayMemory:
         index = []
         for k, item in enumerate(self.items):
             name = f"{k:04d}_{item.stem}"
-            Image.fromarray(item.image).save(d / f"{name}.png")
-            Image.fromarray(item.mask).save(d / f"{name}_mask.png")
+            image_png, mask_png = item.encoded()
+            (d / f"{name}.png").write_bytes(image_png)
+            (d / f"{name}_mask.png").write_bytes(mask_png)
             index.append({"name": name, "stem": item.stem, "step": item.step})
         atomic_write_json(d / "memory.json", {"budget": self.budget, "policy": self.policy, "seen": self.seen,
                                               "items": index})
@@ -150,9 +166,14 @@ class ReplayMemory:
         mem = cls(meta["budget"], policy=meta["policy"])
         mem.seen = meta.get("seen", 0)
         for entry in meta["items"]:
-            img = np.array(Image.open(d / f"{entry['name']}.png").convert("RGB"))
-            mask = np.array(Image.open(d / f"{entry['name']}_mask.png"))
-            mem.items.append(MemoryItem(entry["stem"], entry["step"], img, mask))
+            image_png = (d / f"{entry['name']}.png").read_bytes()
+            mask_png = (d / f"{entry['name']}_mask.png").read_bytes()
+            decoded = Image.open(io.BytesIO(image_png))
+            rgb = decoded.mode == "RGB"  # else saving again must write the converted image
+            img = np.array(decoded.convert("RGB"))
+            mask = np.array(Image.open(io.BytesIO(mask_png)))
+            mem.items.append(MemoryItem(entry["stem"], entry["step"], img, mask,
+                                        _png=(image_png, mask_png) if rgb else None))
         return mem
 
     def as_dataset(self, transform=None) -> "MemoryDataset":

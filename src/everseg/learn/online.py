@@ -50,6 +50,7 @@ from everseg.learn.config import load_config
 from everseg.learn.losses import compute_class_weights
 from everseg.learn.memory import ReplayMemory
 from everseg.learn.plugins import Plugin
+from everseg.learn.run import finetune_plugins
 from everseg.learn.strategies.base import ContinualContext
 from everseg.learn.strategies.replay import Replay
 from everseg.learn.trainer import Trainer, cpu_has_native_bf16
@@ -70,10 +71,11 @@ class Observation:
     accepted: bool
     version: int  # the current version after this observation
     holdout_miou_before: float
-    holdout_miou_after: float
+    holdout_miou_after: float | None  # None when the update diverged (nothing to score)
     seconds: float
     held_out: bool = False  # the image joined the held-out set; nothing was trained
     reason: str | None = None  # why a candidate was rejected
+    diverged: bool = False  # the update's loss stopped being finite; nothing was scored or kept
     timings: dict[str, float] = field(default_factory=dict)  # seconds: train, holdout, publish
 
 
@@ -88,7 +90,10 @@ class OnlineLearner:
             has one, else a new reservoir memory of ``memory_size`` images.
         steps: gradient steps per observed image.
         replay: replayed images per step.
-        lr: learning rate of the updates (SGD with momentum).
+        lr: learning rate of the updates (SGD with momentum). Small on purpose: each step sees
+            one new image plus ``replay`` old ones through frozen normalisation, and the demo
+            model's holdout mIoU collapsed to 1-10 after four steps at 0.002 (0.0005 lets most
+            first corrections through: ``benchmarks/online_fresh.py``).
         tolerance: largest holdout mIoU drop (points, 0-100) an update may cause and be published.
         crop_size: training crop (h, w); None = whole images.
         class_weights: ``inverse_sqrt``, ``median_frequency`` or ``none``: CE class weights of
@@ -97,6 +102,7 @@ class OnlineLearner:
             then on, never trained on); None = the held-out set stays as given.
         keep_rejected: keep refused candidates in the registry (status "rejected", with the reason).
         publish_info: added to the info of every version this learner publishes.
+        finetune: ``full`` or ``frozen`` (only the decoder and classifier learn; faster updates).
 
     Holdout mIoU is over the holdout's own classes: a model with more (a background class, new
     classes) is scored on the data's classes, relabelled by name.
@@ -104,9 +110,9 @@ class OnlineLearner:
 
     def __init__(self, model: nn.Module, registry: str | Path | ModelRegistry, holdout: SegmentationDataset, *,
                  memory: ReplayMemory | None = None, memory_size: int = 20, steps: int = 4, replay: int = 3,
-                 lr: float = 0.002, tolerance: float = 1.0, crop_size: tuple[int, int] | None = None, seed: int = 0,
+                 lr: float = 0.0005, tolerance: float = 1.0, crop_size: tuple[int, int] | None = None, seed: int = 0,
                  class_weights: str = "inverse_sqrt", holdout_every: int | None = None,
-                 keep_rejected: bool = False, publish_info: dict | None = None):
+                 keep_rejected: bool = False, publish_info: dict | None = None, finetune: str = "full"):
         if holdout_every is not None and holdout_every < 2:
             raise ValueError(f"holdout_every must be at least 2 (every image held out trains nothing), "
                              f"got {holdout_every}")
@@ -128,7 +134,7 @@ class OnlineLearner:
         self._seen = 0
         self.config = load_config(None, {
             "train.epochs": steps, "train.batch_size": 1, "train.seed": seed, "train.log_every": 10**9,
-            "optim.lr": lr, "optim.schedule": "constant", "optim.weight_decay": 0.0, "data.val_split": None,
+            "optim.lr": lr, "optim.schedule": "constant", "train.finetune": finetune, "optim.weight_decay": 0.0, "data.val_split": None,
             "data.crop_size": list(crop_size) if crop_size else None, "data.scale": [0.9, 1.1]})
         self.augment = train_transform(AugmentConfig(crop_size=crop_size, scale=(0.9, 1.1)))
         if self.registry.current is None:
@@ -242,12 +248,29 @@ class OnlineLearner:
         replay.begin_step(ctx)
         torch.manual_seed(self._seen)
         with tempfile.TemporaryDirectory() as tmp:
-            Trainer(candidate, data.with_transform(self.augment), None, self._update_config(mask), tmp,
-                    plugins=[_FrozenNorm(), replay], progress=False, write_run=False).fit()
+            trainer = Trainer(candidate, data.with_transform(self.augment), None, self._update_config(mask), tmp,
+                              plugins=[*finetune_plugins(self.config), _FrozenNorm(), replay], progress=False,
+                              write_run=False)
+            diverged = self._fit(trainer, parent, start)
+        if diverged is not None:
+            return diverged
         candidate.eval()
         return self._guard(candidate, parent, info={"observed": stem, **(info or {})}, start=start,
                            remember=lambda: self._remember(image, mask, stem),
                            timings={"train": time.perf_counter() - start})
+
+    def _fit(self, trainer: Trainer, parent: int, start: float) -> Observation | None:
+        """Train the candidate; a diverged update (non-finite loss) is refused like one the
+        guardrail rejects, and the service goes on: one bad image must not stop the loop."""
+        try:
+            trainer.fit()
+        except FloatingPointError as exc:
+            before = self.holdout_miou
+            seconds = time.perf_counter() - start
+            return Observation(False, parent, before, None, seconds, diverged=True,
+                               reason=f"the update diverged: {str(exc).split(':', 1)[-1].split(';')[0].strip()}",
+                               timings={"train": seconds})
+        return None
 
     def _guard(self, candidate: nn.Module, parent: int, *, info: dict, start: float,
                remember=None, timings: dict[str, float] | None = None) -> Observation:
@@ -304,8 +327,12 @@ class OnlineLearner:
         cfg = self.config.model_copy(update={"train": self.config.train.model_copy(
             update={"epochs": epochs, "max_minutes": minutes})})
         with tempfile.TemporaryDirectory() as tmp:
-            Trainer(candidate, data.with_transform(self.augment), None, cfg, tmp,
-                    plugins=[_FrozenNorm(), replay], progress=False, write_run=False).fit()
+            trainer = Trainer(candidate, data.with_transform(self.augment), None, cfg, tmp,
+                              plugins=[*finetune_plugins(self.config), _FrozenNorm(), replay], progress=False,
+                              write_run=False)
+            diverged = self._fit(trainer, parent, start)
+        if diverged is not None:
+            return diverged
         candidate.eval()
         # The holdout's classes keep their ids in the grown space, so the scores compare.
         return self._guard(candidate, parent, info={"new_classes": list(names), **(info or {})}, start=start,
