@@ -337,6 +337,11 @@ def table(r: dict) -> str:
     first, last = fb["corrections"][0], fb["corrections"][-1]
     out.append(f"| holdout mIoU before the first / after the last correction | {first['before']:.1f} / "
                f"{last['after'] if last['status'] == 'accepted' else last['before']:.1f} | higher after |")
+    floor = load["clients"] * lat["http_p50_ms"]
+    out += ["", f"Under load the server predicts one image at a time with both cores (two at once were slower), so "
+            f"{load['clients']} clients that each wait for their answer and ask again cannot see a p50 below about "
+            f"{load['clients']} x the idle p50 ({floor:.0f} ms) even with no update running; every update then takes "
+            "its share of the same two cores."]
     if r.get("stream"):
         s = r["stream"]
         out += ["", f"Dusk stream ({s['images']} images, the 0016E5 model of `benchmarks/continual.py` with its own "
@@ -357,7 +362,12 @@ def main() -> None:
     p.add_argument("--clients", type=int, default=4)
     p.add_argument("--seconds", type=float, default=120.0, help="length of the load phase")
     p.add_argument("--skip-stream", action="store_true")
+    p.add_argument("--report", action="store_true",
+                   help="only write the README section again from results/serve.json (no measuring)")
     args = p.parse_args()
+    if args.report:
+        update_readme_section("serve", table(json.loads((BENCH_DIR / "results" / "serve.json").read_text())))
+        return
 
     from everseg.data import open_dataset
 

@@ -155,6 +155,8 @@ CASES = [
     ("unknown protocol", "scenario run --protocol nosuch --data {data} --out {root}/s1", ["nosuch"]),
     ("protocol and scenario", "scenario run --data {data} --out {root}/s2", ["--protocol", "--scenario"]),
     ("scenario file missing", "scenario run --scenario {root}/nope.yaml --data {data} --out {root}/s3", ["nope.yaml"]),
+    # the service
+    ("update crop not HxW", "serve --registry {root}/reg1 --update-crop 240", ["--update-crop", "240"]),
 ]
 
 
@@ -174,6 +176,8 @@ def test_bad_input_is_one_clear_line(world, name, argv, words):
         if flag in args and args[0] in ("train", "learn", "scenario"):
             out = Path(args[args.index(flag) + 1])
             assert out == world["model"] or not out.exists(), out
+    if args[0] == "serve":
+        assert not Path(args[args.index("--registry") + 1]).exists()
 
 
 def test_unreadable_images_are_reported_and_the_rest_predicted(world, tmp_path):

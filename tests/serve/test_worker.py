@@ -63,6 +63,14 @@ def test_items_are_taught_in_arrival_order_and_their_status_kept(setup):
     assert info["feedback_ids"] == [first] and len(info["holdout"]["sha256"]) == 64
 
 
+def test_updates_train_on_crops_when_asked(setup):
+    train, holdout, root, store, send = setup
+    item = send(0)
+    worker = UpdateWorker(root, holdout, WorkerSettings(tolerance=100.0, steps=1, crop=[32, 48]))
+    assert tuple(worker.learner.config.data.crop_size) == (32, 48)
+    assert worker.step() and store.get(item).status == "accepted"
+
+
 def test_a_refused_update_is_kept_as_rejected(setup):
     train, holdout, root, store, send = setup
     item = send(0)

@@ -45,6 +45,24 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def keep_dilated_depthwise_nchw(model: nn.Module) -> list:
+    """Run the dilated depthwise convolutions of ``model`` in NCHW; returns the hooks' handles.
+
+    Why: on CPUs with native bfloat16 (AMX), oneDNN as shipped with torch 2.14 computed wrong
+    weight gradients for dilated depthwise convolutions in bfloat16 with channels-last tensors
+    on wide feature maps; single-image online updates then collapsed the holdout mIoU to 1-10.
+    Only these layers change layout (their weight is made contiguous, their input too); the
+    rest of the model stays channels-last.
+    """
+    handles = []
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels and max(m.dilation) > 1:
+            m.weight.data = m.weight.data.contiguous()
+            handles.append(m.register_forward_pre_hook(
+                lambda module, args: (args[0].contiguous(), *args[1:])))
+    return handles
+
+
 def seed_everything(seed: int) -> torch.Generator:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -185,6 +203,7 @@ class Trainer:
 
         session_start = time.perf_counter()
         epochs_this_session = 0
+        nchw_hooks = keep_dilated_depthwise_nchw(self.model) if self.use_bf16 and tc.channels_last else []
         try:
             while self.epoch < tc.epochs and not self.stop_requested:
                 if self.epoch > 0 and not self._next_step_fits():
@@ -290,6 +309,8 @@ class Trainer:
                 for plugin in self.plugins:
                     plugin.on_epoch_end(self)
         finally:
+            for hook in nchw_hooks:
+                hook.remove()
             progress.close()
             if writer is not None:
                 writer.close()
