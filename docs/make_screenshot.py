@@ -4,7 +4,7 @@ model on a CamVid test image, after a correction was sent and judged by the guar
     .venv/bin/python docs/make_screenshot.py
 
 The correction is the image's ground truth (loaded into the page's label layer, as if painted)
-plus one brush stroke of Pedestrian made with the mouse. Needs Debian's chromium and the
+plus one brush stroke of Road along the bottom, made with the mouse. Needs Debian's chromium and the
 CamVid copy in ../shared/data; trains the demo model first if benchmarks/serve.py has not.
 """
 
@@ -39,7 +39,7 @@ def main() -> None:
     val = open_dataset(data, dataset="camvid", split="val")
     holdout = write_folder(RUNS / "holdout", val, list(range(0, len(val), 5))[:20], "val")
     test = open_dataset(data, dataset="camvid", split="test")
-    index = next(i for i, s in enumerate(test.samples) if s.stem == "Seq05VD_f01470")
+    index = next(i for i, s in enumerate(test.samples) if s.stem == "Seq05VD_f00930")
     image, mask = test.decoded(index)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -56,11 +56,11 @@ def main() -> None:
                 page.set_input_files("#file", str(tmp / "street.png"))
                 expect(page.locator("#legend li").first).to_be_visible()
                 page.evaluate("(truth) => { state.labels = Uint8Array.from(truth); draw(); }", mask.ravel().tolist())
-                page.locator("#classes li", has_text="Pedestrian").click()
+                page.locator("#classes li", has_text="Road").click()
                 box = page.locator("#labels").bounding_box()
-                page.mouse.move(box["x"] + box["width"] * 0.30, box["y"] + box["height"] * 0.55)
+                page.mouse.move(box["x"] + box["width"] * 0.35, box["y"] + box["height"] * 0.95)
                 page.mouse.down()
-                page.mouse.move(box["x"] + box["width"] * 0.31, box["y"] + box["height"] * 0.75, steps=8)
+                page.mouse.move(box["x"] + box["width"] * 0.65, box["y"] + box["height"] * 0.95, steps=8)
                 page.mouse.up()
                 page.click("#send")
                 status = page.locator("#feedback-status")
