@@ -242,16 +242,7 @@ class OnlineLearner:
             self._confusion = self._confusion + self._holdout_confusion(base, [item])
             return Observation(False, parent, before, self.holdout_miou, time.perf_counter() - start, held_out=True)
         candidate = copy.deepcopy(base)
-        ctx = ContinualContext(step=None, step_index=self._seen, old_model=None, old_num_classes=base.num_classes,
-                               memory=self.memory)
-        replay = Replay(fraction=float(self.replay), seed=self._seen)
-        replay.begin_step(ctx)
-        torch.manual_seed(self._seen)
-        with tempfile.TemporaryDirectory() as tmp:
-            trainer = Trainer(candidate, data.with_transform(self.augment), None, self._update_config(mask), tmp,
-                              plugins=[*finetune_plugins(self.config), _FrozenNorm(), replay], progress=False,
-                              write_run=False)
-            diverged = self._fit(trainer, parent, start)
+        diverged = self._train(candidate, data, self._update_config(mask), base.num_classes, parent, start)
         if diverged is not None:
             return diverged
         candidate.eval()
@@ -259,11 +250,21 @@ class OnlineLearner:
                            remember=lambda: self._remember(image, mask, stem),
                            timings={"train": time.perf_counter() - start})
 
-    def _fit(self, trainer: Trainer, parent: int, start: float) -> Observation | None:
-        """Train the candidate; a diverged update (non-finite loss) is refused like one the
-        guardrail rejects, and the service goes on: one bad image must not stop the loop."""
+    def _train(self, candidate: nn.Module, data: SegmentationDataset, config, old_num_classes: int, parent: int,
+               start: float) -> Observation | None:
+        """Train ``candidate`` on ``data`` with replay from the memory, through the one Trainer
+        loop. A diverged update (non-finite loss) comes back as a refused Observation, like one
+        the guardrail rejects, so the service goes on: one bad image must not stop the loop."""
+        ctx = ContinualContext(step=None, step_index=self._seen, old_model=None, old_num_classes=old_num_classes,
+                               memory=self.memory)
+        replay = Replay(fraction=float(self.replay), seed=self._seen)
+        replay.begin_step(ctx)
+        torch.manual_seed(self._seen)
         try:
-            trainer.fit()
+            with tempfile.TemporaryDirectory() as tmp:
+                Trainer(candidate, data.with_transform(self.augment), None, config, tmp,
+                        plugins=[*finetune_plugins(self.config), _FrozenNorm(), replay], progress=False,
+                        write_run=False).fit()
         except FloatingPointError as exc:
             before = self.holdout_miou
             seconds = time.perf_counter() - start
@@ -319,18 +320,9 @@ class OnlineLearner:
         candidate = copy.deepcopy(base)
         # MiB's initialisation where a background class exists: new classes start as background.
         candidate.grow_classifier(grown, init="background" if has_background(base.label_space) else "random")
-        ctx = ContinualContext(step=None, step_index=self._seen, old_model=None, old_num_classes=base.num_classes,
-                               memory=self.memory)
-        replay = Replay(fraction=float(self.replay), seed=self._seen)
-        replay.begin_step(ctx)
-        torch.manual_seed(self._seen)
         cfg = self.config.model_copy(update={"train": self.config.train.model_copy(
             update={"epochs": epochs, "max_minutes": minutes})})
-        with tempfile.TemporaryDirectory() as tmp:
-            trainer = Trainer(candidate, data.with_transform(self.augment), None, cfg, tmp,
-                              plugins=[*finetune_plugins(self.config), _FrozenNorm(), replay], progress=False,
-                              write_run=False)
-            diverged = self._fit(trainer, parent, start)
+        diverged = self._train(candidate, data, cfg, base.num_classes, parent, start)
         if diverged is not None:
             return diverged
         candidate.eval()
