@@ -157,6 +157,11 @@ CASES = [
     ("scenario file missing", "scenario run --scenario {root}/nope.yaml --data {data} --out {root}/s3", ["nope.yaml"]),
     # the service
     ("update crop not HxW", "serve --registry {root}/reg1 --update-crop 240", ["--update-crop", "240"]),
+    ("serve without a model", "serve --registry {root}/reg2", ["--registry", "no model yet", "--model"]),
+    ("serve a missing model", "serve --registry {root}/reg3 --model {root}/nomodel", ["nomodel"]),
+    ("serve a missing holdout", "serve --registry {root}/reg4 --model {model} --holdout {root}/nodata", ["nodata"]),
+    ("serve a missing token file", "serve --registry {root}/reg5 --model {model} --token-file {root}/notoken",
+     ["--token-file", "notoken"]),
 ]
 
 
@@ -176,7 +181,7 @@ def test_bad_input_is_one_clear_line(world, name, argv, words):
         if flag in args and args[0] in ("train", "learn", "scenario"):
             out = Path(args[args.index(flag) + 1])
             assert out == world["model"] or not out.exists(), out
-    if args[0] == "serve":
+    if args[0] == "serve":  # a refused start makes no registry
         assert not Path(args[args.index("--registry") + 1]).exists()
 
 
