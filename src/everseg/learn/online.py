@@ -134,7 +134,8 @@ class OnlineLearner:
         self._seen = 0
         self.config = load_config(None, {
             "train.epochs": steps, "train.batch_size": 1, "train.seed": seed, "train.log_every": 10**9,
-            "optim.lr": lr, "optim.schedule": "constant", "train.finetune": finetune, "optim.weight_decay": 0.0, "data.val_split": None,
+            "optim.lr": lr, "optim.schedule": "constant", "optim.weight_decay": 0.0, "train.finetune": finetune,
+            "data.val_split": None,
             "data.crop_size": list(crop_size) if crop_size else None, "data.scale": [0.9, 1.1]})
         self.augment = train_transform(AugmentConfig(crop_size=crop_size, scale=(0.9, 1.1)))
         if self.registry.current is None:

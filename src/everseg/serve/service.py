@@ -50,21 +50,16 @@ def prepare_registry(registry: Path, model: str | Path | None) -> ModelRegistry:
     """Open the registry; publish ``model`` as version 1 when it is empty."""
     from everseg.workflows import load_trained_model, resolve_model_dir
 
-    def no_model() -> ValueError:
-        return ValueError(f"--registry {registry} has no model yet: pass --model MODEL to publish one as version 1")
-
-    # A refused start changes nothing: the model is read before a new registry folder is made.
-    is_new = not any((registry / name).is_file() for name in ("registry.db", "registry.json"))
-    if is_new and model is None:
-        raise no_model()
-    source = resolve_model_dir(model).resolve() if model is not None and is_new else None
-    loaded = load_trained_model(source) if source is not None else None
-    reg = ModelRegistry(registry)
-    if reg.current is None:
+    # A refused start changes nothing: a new registry folder is made only once the model is read.
+    exists = any((registry / name).is_file() for name in ("registry.db", "registry.json"))
+    reg = ModelRegistry(registry) if exists else None
+    if reg is None or reg.current is None:
         if model is None:
-            raise no_model()
-        source = source or resolve_model_dir(model).resolve()
-        loaded = loaded or load_trained_model(source)
+            raise ValueError(f"--registry {registry} has no model yet: pass --model MODEL to publish one as "
+                             "version 1")
+        source = resolve_model_dir(model).resolve()
+        loaded = load_trained_model(source)
+        reg = reg or ModelRegistry(registry)
 
         def with_memory(folder: Path) -> None:
             # The replay memory saved with the model (scenario run, learn) is what updates rehearse.
@@ -121,8 +116,7 @@ def run_service(registry: str | Path, *, model: str | Path | None = None, holdou
 
     root = Path(registry)
     # Everything the user gave is checked before the registry is touched: a refused start changes nothing.
-    if token_file is not None:
-        read_or_create_token(root, token_file)
+    token, token_path = read_or_create_token(root, token_file) if token_file is not None else (None, None)
     extra: dict[str, Any] = {"learning": holdout is not None}
     if holdout is not None:
         from everseg.data import open_dataset
@@ -130,7 +124,8 @@ def run_service(registry: str | Path, *, model: str | Path | None = None, holdou
         checked = open_dataset(holdout, dataset=dataset, split=split)  # a bad holdout fails now, not in the worker
         extra["holdout_images"] = len(checked)
     reg = prepare_registry(root, model)
-    token, token_path = read_or_create_token(root, token_file)
+    if token is None:
+        token, token_path = read_or_create_token(root)
     workers = None
     if holdout is not None:
         args = ["--registry", str(root), "--holdout", str(holdout), "--split", split,

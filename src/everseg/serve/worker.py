@@ -57,8 +57,8 @@ class WorkerSettings:
     threads: int | None = None  # torch threads of the worker (None: one per core)
     nice: int = 10  # CPU priority below the predictions' (0 = the same)
     steps: int = 4  # gradient steps per correction
-    # Train each update on a random (h, w) crop instead of the whole image: about half the time
-    # per update at 240x320 of 360x480, and fewer corrections accepted (benchmarks/README.md).
+    # Train each update on a random (h, w) crop instead of the whole image: less than half the
+    # time per update at 240x320 of 360x480, and fewer corrections accepted (benchmarks/README.md).
     crop: list[int] | None = None
     new_class_minutes: float = 2.0  # wall-time budget of teaching new classes
 
