@@ -167,10 +167,10 @@ def predict_latency(model_dir: Path, images: list[bytes], arrays: list[np.ndarra
 
 
 def feedback_and_load(model_dir: Path, holdout: Path, test, images: list[bytes], runs: Path, *,
-                      corrections: int, clients: int, seconds: float) -> dict:
+                      corrections: int, clients: int, seconds: float, update_options: list[str] = ()) -> dict:
     """Feedback-to-version time one item at a time, then clients predicting while updates publish."""
     server = Server(runs / "registry-feedback", "--model", str(model_dir), "--holdout", str(holdout), "--split", "val",
-                    log=runs / "feedback.log")
+                    *update_options, log=runs / "feedback.log")
     try:
         picks = correction_picks(len(test), corrections)
         # 1. One correction at a time: from the POST to the new version serving.
@@ -311,12 +311,14 @@ def table(r: dict) -> str:
     m, lat, fb = r["machine"], r["latency"], r["feedback"]
     load = fb["load"]
     t = fb["median_timings"]
-    out = ["## Serving (`python benchmarks/serve.py`)", "",
+    options = " ".join(r.get("update_options", []))
+    out = [f"## Serving (`python benchmarks/serve.py{' ' + options if options else ''}`)", "",
            f"{m['date']}, commit {m['commit']}, {m['cpu']}, {m['cores']} cores, torch {m['torch']}, "
            f"{'bfloat16' if m.get('bf16') else 'float32 (no native bfloat16 on this CPU)'}. A real "
            "`everseg serve` on loopback (its update worker a second, niced process), clients in threads of the "
            f"benchmark. Model: the `everseg demo` model (no stored replay memory: a fresh start). Images: CamVid "
-           f"test at 360x480; holdout: {r['holdout_images']} CamVid val images.", "",
+           f"test at 360x480; holdout: {r['holdout_images']} CamVid val images."
+           + (f" The server runs with `{options}`." if options else ""), "",
            "| measure | result | goal |", "|---|---:|---|",
            f"| predict p50, in process (`predict_image`) | {lat['in_process_p50_ms']:.0f} ms | |",
            f"| predict p50 / p99 over HTTP, one client | {lat['http_p50_ms']:.0f} / {lat['http_p99_ms']:.0f} ms | |",
@@ -362,11 +364,19 @@ def main() -> None:
     p.add_argument("--clients", type=int, default=4)
     p.add_argument("--seconds", type=float, default=120.0, help="length of the load phase")
     p.add_argument("--skip-stream", action="store_true")
+    p.add_argument("--update-finetune", choices=["full", "frozen"], default="full",
+                   help="the server's --update-finetune; other than full, the results get their own file and section")
+    p.add_argument("--update-crop", default=None, help="the server's --update-crop (own file and section too)")
     p.add_argument("--report", action="store_true",
-                   help="only write the README section again from results/serve.json (no measuring)")
+                   help="only write the README section again from its results file (no measuring)")
     args = p.parse_args()
+    update_options = ([] if args.update_finetune == "full" else ["--update-finetune", args.update_finetune]) + \
+        ([] if args.update_crop is None else ["--update-crop", args.update_crop])
+    # The defaults keep the name "serve"; a variant is a table of its own, measured from one commit.
+    name = "serve" + "".join(f"-{o.lstrip('-').split('-')[-1]}-{v}" for o, v in zip(update_options[::2],
+                                                                                  update_options[1::2]))
     if args.report:
-        update_readme_section("serve", table(json.loads((BENCH_DIR / "results" / "serve.json").read_text())))
+        update_readme_section(name, table(json.loads((BENCH_DIR / "results" / f"{name}.json").read_text())))
         return
 
     from everseg.data import open_dataset
@@ -384,15 +394,17 @@ def main() -> None:
     from everseg.learn.trainer import cpu_has_native_bf16
 
     result = {"machine": {**machine_info(), "bf16": cpu_has_native_bf16()}, "holdout_images": 20,
+              "update_options": update_options,
               "latency": predict_latency(model_dir, images, arrays, RUNS)}
     print("latency", result["latency"], flush=True)
     result["feedback"] = feedback_and_load(model_dir, holdout, test, images, RUNS, corrections=args.corrections,
-                                           clients=args.clients, seconds=args.seconds)
+                                           clients=args.clients, seconds=args.seconds,
+                                           update_options=update_options)
     print("load", result["feedback"]["load"], flush=True)
-    if not args.skip_stream:
+    if not args.skip_stream and not update_options:  # the stream is measured with the defaults
         result["stream"] = stream(args, RUNS)
-    write_json("serve", result)
-    update_readme_section("serve", table(result))
+    write_json(name, result)
+    update_readme_section(name, table(result))
     print(table(result))
 
 

@@ -157,6 +157,7 @@ CASES = [
     ("scenario file missing", "scenario run --scenario {root}/nope.yaml --data {data} --out {root}/s3", ["nope.yaml"]),
     # the service
     ("update crop not HxW", "serve --registry {root}/reg1 --update-crop 240", ["--update-crop", "240"]),
+    ("update finetune unknown", "serve --registry {root}/reg6 --update-finetune partly", ["--update-finetune", "partly"]),
     ("serve without a model", "serve --registry {root}/reg2", ["--registry", "no model yet", "--model"]),
     ("serve a missing model", "serve --registry {root}/reg3 --model {root}/nomodel", ["nomodel"]),
     ("serve a missing holdout", "serve --registry {root}/reg4 --model {model} --holdout {root}/nodata", ["nodata"]),

@@ -456,18 +456,23 @@ def serve(
     update_crop: Annotated[Optional[str], typer.Option(
         help="Train each update on a random HxW crop, e.g. 240x320: faster updates, fewer accepted "
              "(default: whole images)")] = None,
+    update_finetune: Annotated[str, typer.Option(
+        help="What an update trains: full (the whole model) or frozen (decoder and classifier only: "
+             "faster updates that learn less)")] = "full",
 ) -> None:
     """Serve predictions, learn from corrections (checked on --holdout), keep versions; see the README."""
     from everseg.serve.service import run_service
     from everseg.serve.worker import WorkerSettings
 
     crop = _parse_size(update_crop, "--update-crop")
+    if update_finetune not in ("full", "frozen"):
+        raise ValueError(f"--update-finetune {update_finetune!r}: expected full or frozen")
 
     run_service(registry, model=model, holdout=holdout, dataset=dataset, split=split, host=host, port=port,
                 token_file=token_file,
                 worker=WorkerSettings(tolerance=tolerance, new_class_examples=new_class_examples,
                                       rollback_window=rollback_window, rollback_margin=rollback_margin,
-                                      crop=list(crop) if crop else None),
+                                      crop=list(crop) if crop else None, finetune=update_finetune),
                 settings={"max_queued": max_queued, "max_upload_bytes": int(max_upload_mb * 2**20),
                           "max_pixels": int(max_megapixels * 1e6)})
 

@@ -159,3 +159,28 @@ def test_new_classes_are_taught_together_and_guarded(setup):
     assert ModelRegistry(root).entry(obs.version)["info"]["new_classes"] == ["Bollard"]
     # The holdout knows 11 classes; it is still scored on them, and later updates work.
     assert learner.observe(*train.decoded(3)).version > obs.version
+
+
+def test_frozen_updates_score_the_holdout_on_reused_backbone_features(setup):
+    train, holdout, model, root = setup
+    learner = OnlineLearner(model, root, holdout, steps=1, replay=1, tolerance=100.0, finetune="frozen",
+                            holdout_every=2)
+    calls = []
+    model.backbone.register_forward_hook(lambda *_: calls.append(1))
+    obs = learner.observe(*train.decoded(0))
+    assert obs.accepted
+    after_first = len(calls)
+    learner.observe(*train.decoded(1))  # held out: scored by the served model, which is never wrapped
+    obs = learner.observe(*train.decoded(2))
+    # The second candidate's held-out features came from the cache (the backbone is the parent's):
+    # the backbone ran on the newly held-out image (scored by the served model, then once for the
+    # candidate) and on the training batch; the holdout's images were not computed again.
+    assert after_first > len(holdout)
+    assert len(calls) - after_first == 3, (len(calls) - after_first, len(holdout))
+    candidate = learner.model
+    torch.testing.assert_close(learner._holdout_confusion(candidate), learner._confusion, rtol=0, atol=0)
+    fresh = OnlineLearner(create_model(arch="lraspp", backbone="mobilenet_v2", label_space=train.label_space,
+                                       pretrained=False), root, holdout, finetune="full")
+    fresh._held_out = list(learner._held_out)
+    np.testing.assert_array_equal(fresh._holdout_confusion(candidate), learner._confusion)
+    assert isinstance(candidate.backbone, torch.nn.Module) and not hasattr(candidate.backbone, "cache")

@@ -242,3 +242,14 @@ def test_evaluate_plain_progress_and_max_images(capsys):
     assert result.num_images == 4
     err = capsys.readouterr().err
     assert "4/4 images" in err
+def test_best_class_is_max_over_the_class_dimension_first_max_on_ties() -> None:
+    from everseg.evaluate.inference import best_class
+
+    for shape in [(11, 37, 41), (2, 5, 7, 9)]:
+        x = torch.randn(*shape)
+        values, ids = best_class(x)
+        expected_values, expected_ids = x.max(dim=-3)
+        assert torch.equal(values, expected_values) and torch.equal(ids, expected_ids)
+    tied = torch.zeros(3, 4, 4)
+    tied[1:] = 1.0
+    assert (best_class(tied)[1] == 1).all()

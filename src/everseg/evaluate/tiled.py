@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from everseg.evaluate.inference import predict_probabilities
+from everseg.evaluate.inference import best_class, predict_probabilities
 
 # Images with more pixels are tiled. Measured with MobileNetV2 + DeepLabV3+ (11 classes), above
 # the 0.7 GB a process with torch holds anyway: 2048 x 1024 (Cityscapes) runs whole in 1.0 GB,
@@ -52,7 +52,7 @@ def predict_image(model: nn.Module, image: np.ndarray, *, max_pixels: int = WHOL
     if h * w <= max_pixels:
         x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None]
         probs = predict_probabilities(model, x, **infer)[0]
-        conf, ids = probs.max(0)
+        conf, ids = best_class(probs)
         return ids.to(torch.uint8).numpy(), conf.to(torch.float16).numpy()
     ids_out = np.empty((h, w), dtype=np.uint8)
     conf_out = np.empty((h, w), dtype=np.float16)
@@ -68,7 +68,7 @@ def predict_image(model: nn.Module, image: np.ndarray, *, max_pixels: int = WHOL
         t1, l1 = t0 + win_h, l0 + win_w
         x = torch.from_numpy(np.ascontiguousarray(image[t0:t1, l0:l1])).permute(2, 0, 1)[None]
         probs = predict_probabilities(model, x, **infer)[0]
-        conf, ids = probs[:, top - t0:bottom - t0, left - l0:right - l0].max(0)
+        conf, ids = best_class(probs[:, top - t0:bottom - t0, left - l0:right - l0])
         ids_out[top:bottom, left:right] = ids.to(torch.uint8).numpy()
         conf_out[top:bottom, left:right] = conf.to(torch.float16).numpy()
         del probs, x

@@ -60,6 +60,9 @@ class WorkerSettings:
     # Train each update on a random (h, w) crop instead of the whole image: less than half the
     # time per update at 240x320 of 360x480, and fewer corrections accepted (benchmarks/README.md).
     crop: list[int] | None = None
+    # "frozen" trains only the decoder and classifier, and the guardrail reuses the holdout's
+    # backbone features: the fastest updates, which learn less (benchmarks/README.md).
+    finetune: str = "full"
     new_class_minutes: float = 2.0  # wall-time budget of teaching new classes
 
 
@@ -108,6 +111,7 @@ class UpdateWorker:
             self._learner = OnlineLearner(self.registry.load(), self.registry, self.holdout,
                                           tolerance=self.settings.tolerance, steps=self.settings.steps,
                                           crop_size=tuple(self.settings.crop) if self.settings.crop else None,
+                                          finetune=self.settings.finetune,
                                           keep_rejected=True,
                                           publish_info={"holdout": {"sha256": self.holdout_hash,
                                                                     "images": len(self.holdout)}},
