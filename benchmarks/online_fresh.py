@@ -28,10 +28,11 @@ from serve import RUNS, correction_picks, demo_model, write_folder
 VARIANTS = [
     ("defaults", {}),
     ("lr 0.002 (the old default)", {"lr": 0.002}),
-    ("frozen backbone", {"finetune": "frozen"}),
+    ("frozen backbone (lr 0.01)", {"finetune": "frozen"}),
+    ("frozen backbone, lr 0.0005", {"finetune": "frozen", "lr": 0.0005}),
     ("replay 1", {"replay": 1}),
     ("crop 240x320", {"crop_size": (240, 320)}),
-    ("frozen backbone + crop 240x320", {"finetune": "frozen", "crop_size": (240, 320)}),
+    ("frozen backbone + crop 240x320 (lr 0.01)", {"finetune": "frozen", "crop_size": (240, 320)}),
 ]
 
 
