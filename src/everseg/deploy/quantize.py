@@ -63,6 +63,10 @@ class _Calibration:
     def rewind(self) -> None:
         self._it = None
 
+    def __iter__(self):
+        self.rewind()
+        return iter(self.get_next, None)
+
 
 def quantize_int8(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, images: Sequence[np.ndarray],
                   description: str = "", reduce_range: bool = False, **_: Any) -> list[str]:
