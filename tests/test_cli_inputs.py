@@ -78,6 +78,11 @@ def world(tiny_camvid, tmp_path_factory) -> dict[str, Path]:
         (tiny_camvid / "classes.txt").read_text().replace("Sky", "Himmel")))
     w["blank_classes"] = variant("blank_classes", lambda d: (d / "classes.txt").write_text(
         (tiny_camvid / "classes.txt").read_text().replace("\n", "\n\n", 1)))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(torch.nn.Conv2d(3, 2, 1), (torch.rand(1, 3, 8, 8),), str(root / "plain.onnx"), dynamo=False)
     w["yaml_bad"] = root / "bad.yaml"
     w["yaml_bad"].write_text("optim: [unclosed\n")
     w["yaml_list"] = root / "list.yaml"
@@ -155,6 +160,17 @@ CASES = [
     ("unknown protocol", "scenario run --protocol nosuch --data {data} --out {root}/s1", ["nosuch"]),
     ("protocol and scenario", "scenario run --data {data} --out {root}/s2", ["--protocol", "--scenario"]),
     ("scenario file missing", "scenario run --scenario {root}/nope.yaml --data {data} --out {root}/s3", ["nope.yaml"]),
+    # export and ONNX files
+    ("export a folder that is not a model", "export --model {root}/noimages --out {root}/e1.onnx", ["noimages", "not an everseg model"]),
+    ("export over a file", "export --model {model} --out {root}/a_file", ["a_file", "--overwrite"]),
+    ("export to a name without .onnx", "export --model {model} --out {root}/e2.bin", ["e2.bin", ".onnx"]),
+    ("export both sizes", "export --model {model} --out {root}/e3.onnx --height 64 --width 80 --dynamic", ["--dynamic", "not both"]),
+    ("export height alone", "export --model {model} --out {root}/e4.onnx --height 64", ["--height", "--width"]),
+    ("int8 without calibration", "export --model {model} --out {root}/e5.onnx --int8", ["--int8", "--calibration"]),
+    ("calibration of other classes", "export --model {model} --out {root}/e6.onnx --int8 --calibration {other_classes}",
+     ["--calibration", "other_classes", "classes"]),
+    ("onnx file from elsewhere", "eval --model {root}/plain.onnx --data {data}", ["plain.onnx", "no everseg metadata"]),
+    ("onnx file missing", "predict --model {root}/gone.onnx --out {root}/p9 {image}", ["gone.onnx", "no such ONNX file"]),
     # the service
     ("update crop not HxW", "serve --registry {root}/reg1 --update-crop 240", ["--update-crop", "240"]),
     ("update finetune unknown", "serve --registry {root}/reg6 --update-finetune partly", ["--update-finetune", "partly"]),

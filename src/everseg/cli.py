@@ -204,7 +204,7 @@ def train(
 
 @app.command("eval")
 def eval_(
-    model: Annotated[Path, typer.Option(help="Model folder (or a run folder holding model/)")],
+    model: Annotated[Path, typer.Option(help="Model folder (or a run folder holding model/), or an exported .onnx file")],
     data: Annotated[Path, typer.Option(help="Dataset root")],
     dataset: DatasetOpt = None,
     split: Annotated[str, typer.Option(help="Split to evaluate")] = "test",
@@ -234,9 +234,43 @@ def eval_(
 
 
 @app.command()
+def export(
+    model: Annotated[Path, typer.Option(help="Model folder (or a run folder holding model/)")],
+    out: Annotated[Path, typer.Option(help="ONNX file to write (FILE.onnx)")],
+    height: Annotated[Optional[int], typer.Option(help="Fixed input height (with --width)")] = None,
+    width: Annotated[Optional[int], typer.Option(help="Fixed input width (with --height)")] = None,
+    dynamic: Annotated[bool, typer.Option(help="Any input size (the default without --height/--width)")] = False,
+    int8: Annotated[bool, typer.Option(help="Static int8 quantisation (needs --calibration)")] = False,
+    calibration: Annotated[Optional[Path], typer.Option(help="Labelled data whose images calibrate --int8")] = None,
+    dataset: DatasetOpt = None,
+    split: Annotated[str, typer.Option(help="Split of --calibration")] = "train",
+    calibration_images: Annotated[int, typer.Option(min=1, help="Calibration images")] = 32,
+    check_images: Annotated[int, typer.Option(min=1, help="Images of the parity check")] = 4,
+    min_agreement: Annotated[Optional[float], typer.Option(
+        help="Smallest share of pixels whose class must match PyTorch's (default 0.995, 0.95 with --int8)")] = None,
+    threads: ThreadsOpt = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists")] = False,
+) -> None:
+    """Export a model to ONNX (classes, normalisation and layout in its metadata), checked against PyTorch."""
+    from everseg.workflows import export_model, set_threads
+
+    set_threads(threads)
+    report = export_model(model, out, height=height, width=width, dynamic=dynamic, int8=int8,
+                          calibration=calibration, dataset=dataset, split=split,
+                          calibration_images=calibration_images, check_images=check_images,
+                          min_agreement=min_agreement, overwrite=overwrite)
+    size = f"{report.input_size[0]}x{report.input_size[1]}" if report.input_size else "any size"
+    for line in report.kept_float:
+        console.print(f"kept in float: {escape(line)}")
+    console.print(f"wrote {report.path} ({report.path.stat().st_size / 2**20:.1f} MB, {size}{', int8' if int8 else ''}); "
+                  f"ONNX Runtime agrees with PyTorch on {100 * report.agreement:.2f} % of the pixels of "
+                  f"{report.checked_images} check images")
+
+
+@app.command()
 def predict(
     images: Annotated[list[Path], typer.Argument(help="Image files, or folders of images")],
-    model: Annotated[Path, typer.Option(help="Model folder (or a run folder holding model/)")],
+    model: Annotated[Path, typer.Option(help="Model folder (or a run folder holding model/), or an exported .onnx file")],
     out: Annotated[Path, typer.Option(help="Output folder")] = Path("predictions"),
     mode: ModeOpt = "whole",
     crop: CropOpt = None,

@@ -38,9 +38,73 @@ def resolve_model_dir(path: str | Path) -> Path:
 
 
 def load_trained_model(path: str | Path) -> torch.nn.Module:
+    """A model folder, a run folder holding ``model/``, or an ONNX file written by ``everseg export``
+    (run by ONNX Runtime behind the same interface)."""
     from everseg.models import load_model
 
+    if Path(path).suffix.lower() == ".onnx":
+        from everseg.deploy import load_onnx_model
+
+        return load_onnx_model(path, threads=torch.get_num_threads())
     return load_model(resolve_model_dir(path))
+
+
+def export_model(model: str | Path, out: str | Path, *, height: int | None = None, width: int | None = None,
+                 dynamic: bool = False, int8: bool = False, calibration: str | Path | None = None,
+                 dataset: str | None = None, split: str = "train", calibration_images: int = 32,
+                 check_images: int = 4, min_agreement: float | None = None, overwrite: bool = False) -> Any:
+    """``everseg export``: the model as an ONNX file (optionally int8), checked against PyTorch.
+
+    With ``int8`` the activation ranges come from ``calibration_images`` images spread over
+    ``calibration`` (the user's own training images); their classes must be the model's. The
+    parity check uses other images of the same data (the embedded sample's without it), and
+    refuses a file whose classes agree with PyTorch's on less than ``min_agreement`` of the
+    pixels (default 99.5 %, 95 % for int8: rounding every activation moves low-margin pixels).
+    """
+    from everseg.deploy import export_onnx
+
+    if int8 and calibration is None:
+        raise ValueError("--int8 needs --calibration DATA: the user's own images set the activation ranges")
+    if not int8 and calibration is not None:
+        raise ValueError("--calibration is for --int8 (a float export needs no calibration)")
+    if calibration_images < 1 or check_images < 1:
+        raise ValueError("--calibration-images and --check-images must be at least 1")
+    path = Path(out)
+    if path.exists() and not overwrite:  # before the model is read: a refused export does nothing
+        raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
+    net = load_trained_model(model)
+    if not hasattr(net, "config"):
+        raise ValueError(f"{model}: only everseg model folders can be exported (this is already ONNX)")
+    checks = None
+    int8_options = None
+    if calibration is not None:
+        from everseg.data import open_dataset
+
+        data = open_dataset(calibration, dataset=dataset, split=split)
+        names, model_names = list(data.label_space.names), list(net.label_space.names)
+        if names != model_names[:len(names)] or not names:
+            raise DataError(None, f"--calibration {calibration}: its classes {names} are not the model's "
+                                  f"{model_names}; calibrate on data of the same classes")
+        if len(data) < 2:
+            raise DataError(None, f"--calibration {calibration}: needs at least 2 images (calibration and a check)")
+        order = np.linspace(0, len(data) - 1, min(len(data), calibration_images + check_images)).round().astype(int)
+        order = list(dict.fromkeys(order.tolist()))
+        # Every k-th spread image checks parity; the rest calibrate: the check is on images the
+        # ranges were not fitted to.
+        k = max(2, len(order) // check_images)
+        check_ids = order[k - 1::k][:check_images]
+        cal_ids = [i for i in order if i not in check_ids][:calibration_images]
+        from everseg.deploy.onnx import check_images_for
+
+        size = (height, width) if height is not None and width is not None else None
+        int8_options = {"images": check_images_for(size, [data.decoded(i)[0] for i in cal_ids], count=len(cal_ids)),
+                        "description": f"{len(cal_ids)} images of {calibration} ({split})"}
+        checks = [data.decoded(i)[0] for i in check_ids]
+    if min_agreement is None:
+        min_agreement = 0.95 if int8 else 0.995
+    return export_onnx(net, path, height=height, width=width, dynamic=dynamic, check_images=checks,
+                       min_agreement=min_agreement, overwrite=overwrite, int8=int8_options,
+                       source=str(Path(model).resolve()))
 
 
 def set_threads(threads: int | None) -> None:

@@ -1,0 +1,180 @@
+"""Deployment speed and accuracy: one CamVid model run as eager PyTorch and through ONNX Runtime
+(float32 and static int8), on the 233 CamVid test images at 360x480, batch 1, 2 threads.
+
+    .venv/bin/python benchmarks/deploy.py --model RUN_OR_MODEL      # about 10 minutes on 2 cores
+
+Each row: images per second and p50 latency of the whole prediction (model + class argmax) over
+the test set, MACs and parameters of the graph, file size, test mIoU, and the share of test
+pixels whose class equals eager float32's. The int8 file is calibrated on 32 CamVid training
+images. Writes results/deploy.json and its section of benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+
+from common import BENCH_DIR, SHARED_DATA, machine_info, update_readme_section, write_json
+
+RUNS = BENCH_DIR / "runs" / "deploy"
+
+
+def cpu_flags() -> dict[str, bool]:
+    flags = set()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            break
+    return {name: name in flags for name in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8")}
+
+
+def macs_and_params(model, size=(360, 480)) -> tuple[float, int]:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.rand(1, 3, *size)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x)
+    return counter.get_total_flops() / 2, sum(p.numel() for p in model.parameters())
+
+
+def run(model, test, reference: list[np.ndarray] | None, num_classes: int, warmup: int = 3) -> dict:
+    """Predict every test image one at a time: timings, confusion, and the predictions."""
+    import torch
+
+    from everseg.evaluate import predict
+    from everseg.evaluate.metrics import SegmentationMetrics
+
+    confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
+    seconds, preds = [], []
+    agree = total = 0
+    for i in range(len(test)):
+        image, mask = test.decoded(i)
+        x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None]
+        if i == 0:
+            for _ in range(warmup):
+                predict(model, x)
+        start = time.perf_counter()
+        pred = predict(model, x)[0].numpy()
+        seconds.append(time.perf_counter() - start)
+        valid = mask != 255
+        confusion += np.bincount(mask[valid].astype(np.int64) * num_classes + pred[valid],
+                                 minlength=num_classes ** 2).reshape(num_classes, num_classes)
+        preds.append(pred.astype(np.uint8))
+        if reference is not None:
+            agree += int((reference[i] == pred).sum())
+            total += pred.size
+    miou = SegmentationMetrics.from_confusion(confusion).miou
+    return {"images": len(seconds), "img_per_s": len(seconds) / sum(seconds),
+            "p50_ms": 1000 * float(np.median(seconds)), "miou": miou,
+            "agreement_with_eager_fp32": agree / total if total else 1.0}, preds
+
+
+def table(r: dict) -> str:
+    m, f = r["machine"], r["cpu_flags"]
+    isa = ", ".join(k for k, v in f.items() if v) or "none of the listed"
+    base = r["rows"][0]
+    out = ["## Deployment (`python benchmarks/deploy.py`)", "",
+           f"{m['date']}, commit {m['commit']}, {m['cpu']}, {m['cores']} cores, 2 threads, torch {m['torch']}, "
+           f"onnxruntime {r['onnxruntime']}. CPU instruction sets: {isa}. Model: {r['model_name']} "
+           f"({r['model_note']}). {base['images']} CamVid test images at 360x480, batch 1; a prediction is the model "
+           "and the class argmax.", "",
+           "| runtime | img/s | p50 ms | speed vs eager fp32 | GMACs | parameters | file MB | test mIoU | "
+           "pixels as eager fp32 |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in r["rows"]:
+        out.append(f"| {row['name']} | {row['img_per_s']:.2f} | {row['p50_ms']:.0f} | "
+                   f"{row['img_per_s'] / base['img_per_s']:.2f}x | {row['macs'] / 1e9:.2f} | "
+                   f"{row['params'] / 1e6:.2f} M | {row['file_mb']:.1f} | {row['miou']:.1f} | "
+                   f"{100 * row['agreement_with_eager_fp32']:.2f} % |")
+    for line in r.get("notes", []):
+        out += ["", line]
+    return "\n".join(out)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", type=Path, required=True, help="model folder or run folder (a CamVid-11 model)")
+    p.add_argument("--model-note", default="", help="where the model came from, for the table")
+    p.add_argument("--data", type=Path, default=SHARED_DATA / "camvid")
+    p.add_argument("--calibration-images", type=int, default=32)
+    p.add_argument("--images", type=int, default=None, help="only the first N test images (a quick check)")
+    p.add_argument("--report", action="store_true", help="only write the README section from results/deploy.json")
+    args = p.parse_args()
+    import json
+
+    if args.report:
+        update_readme_section("deploy", table(json.loads((BENCH_DIR / "results" / "deploy.json").read_text())))
+        return
+
+    import onnxruntime
+    import torch
+
+    from everseg.data import open_dataset
+    from everseg.learn.trainer import cpu_has_native_bf16
+    from everseg.workflows import export_model, load_trained_model, resolve_model_dir
+
+    torch.set_num_threads(2)
+    RUNS.mkdir(parents=True, exist_ok=True)
+    model_dir = resolve_model_dir(args.model)
+    eager = load_trained_model(model_dir)
+    test = open_dataset(args.data, dataset="camvid", split="test")
+    if args.images:
+        test = test.subset(range(min(args.images, len(test))))
+    n = eager.num_classes
+    macs, params = macs_and_params(eager)
+    weights_mb = (model_dir / "model.safetensors").stat().st_size / 2**20
+    rows, notes = [], []
+
+    base, reference = run(eager, test, None, n)
+    rows.append({"name": "eager PyTorch fp32", "macs": macs, "params": params, "file_mb": weights_mb, **base})
+    print(rows[-1], flush=True)
+    if cpu_has_native_bf16():
+        class Bf16(torch.nn.Module):
+            def __init__(self, inner):
+                super().__init__()
+                self.inner, self.label_space = inner, inner.label_space
+
+            def forward(self, x):
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    return self.inner(x).float()
+
+        row, _ = run(Bf16(eager), test, reference, n)
+        rows.append({"name": "eager PyTorch bf16 autocast", "macs": macs, "params": params, "file_mb": weights_mb, **row})
+    else:
+        notes.append("No eager bf16 row: this CPU has no native bfloat16 (no AVX512-BF16 or AMX), where everseg's "
+                     "default is float32; bf16 autocast here would be emulated.")
+
+    fp32 = export_model(model_dir, RUNS / "model-fp32.onnx", dynamic=True, overwrite=True)
+    row, _ = run(load_trained_model(fp32.path), test, reference, n)
+    rows.append({"name": "ONNX Runtime fp32", "macs": macs, "params": params,
+                 "file_mb": fp32.path.stat().st_size / 2**20, **row})
+    print(rows[-1], flush=True)
+
+    int8 = export_model(model_dir, RUNS / "model-int8.onnx", dynamic=True, int8=True, calibration=args.data,
+                        dataset="camvid", split="train", calibration_images=args.calibration_images,
+                        min_agreement=0.01, overwrite=True)
+    row, _ = run(load_trained_model(int8.path), test, reference, n)
+    rows.append({"name": "ONNX Runtime int8 (static, QDQ, per-channel)", "macs": macs, "params": params,
+                 "file_mb": int8.path.stat().st_size / 2**20, "kept_float": int8.kept_float, **row})
+    print(rows[-1], flush=True)
+
+    flags = cpu_flags()
+    if not (flags["avx512_vnni"] or flags["avx_vnni"]):
+        notes.append("Without VNNI (this CPU), ONNX Runtime's u8 x s8 convolutions multiply-add with AVX2's "
+                     "vpmaddubsw, whose 16-bit pair sums can saturate and which does about half the work per "
+                     "instruction of a VNNI CPU's vpdpbusd: on an AVX-512 VNNI CPU the int8 row should be faster "
+                     "than here, and its accuracy no worse.")
+    notes.append("Not measured yet: pruned and distilled students (their rows come with `everseg compress` and "
+                 "`everseg distill`).")
+    result = {"machine": machine_info(), "cpu_flags": flags, "onnxruntime": onnxruntime.__version__,
+              "model_name": str(args.model), "model_note": args.model_note, "rows": rows, "notes": notes}
+    write_json("deploy", result)
+    update_readme_section("deploy", table(result))
+    print(table(result))
+
+
+if __name__ == "__main__":
+    main()
