@@ -3,7 +3,7 @@
 
     .venv/bin/python benchmarks/deploy.py --model RUN_OR_MODEL      # about 10 minutes on 2 cores
 
-Each row: images per second and p50 latency of the whole prediction (model + class argmax) over
+Each row: images per second and p50 latency (all runtimes take turns image by image) of the whole prediction (model + class argmax) over
 the test set, MACs and parameters of the graph, file size, test mIoU, and the share of test
 pixels whose class equals eager float32's. The int8 file is calibrated on 32 CamVid training
 images. Writes results/deploy.json and its section of benchmarks/README.md.
@@ -41,37 +41,41 @@ def macs_and_params(model, size=(360, 480)) -> tuple[float, int]:
     return counter.get_total_flops() / 2, sum(p.numel() for p in model.parameters())
 
 
-def run(model, test, reference: list[np.ndarray] | None, num_classes: int, warmup: int = 3,
-        channels_last: bool = False) -> dict:
-    """Predict every test image one at a time: timings, confusion, and the predictions."""
+def run(models: list[tuple[object, bool]], test, num_classes: int, warmup: int = 3) -> list[dict]:
+    """Predict every test image one at a time with each model in turn (image by image, so that the
+    machine's slow and fast moments fall on every model alike); per model: timings, mIoU, and the
+    share of pixels whose class equals the first model's. ``models``: (model, channels_last)."""
     import torch
 
     from everseg.evaluate import predict
     from everseg.evaluate.metrics import SegmentationMetrics
 
-    confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
-    seconds, preds = [], []
-    agree = total = 0
+    k = len(models)
+    confusion = [np.zeros((num_classes, num_classes), dtype=np.int64) for _ in range(k)]
+    seconds: list[list[float]] = [[] for _ in range(k)]
+    agree = [0] * k
+    total = 0
     for i in range(len(test)):
         image, mask = test.decoded(i)
         x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None]
-        if i == 0:
-            for _ in range(warmup):
-                predict(model, x, channels_last=channels_last)
-        start = time.perf_counter()
-        pred = predict(model, x, channels_last=channels_last)[0].numpy()
-        seconds.append(time.perf_counter() - start)
         valid = mask != 255
-        confusion += np.bincount(mask[valid].astype(np.int64) * num_classes + pred[valid],
-                                 minlength=num_classes ** 2).reshape(num_classes, num_classes)
-        preds.append(pred.astype(np.uint8))
-        if reference is not None:
-            agree += int((reference[i] == pred).sum())
-            total += pred.size
-    miou = SegmentationMetrics.from_confusion(confusion).miou
-    return {"images": len(seconds), "img_per_s": len(seconds) / sum(seconds),
-            "p50_ms": 1000 * float(np.median(seconds)), "miou": miou,
-            "agreement_with_eager_fp32": agree / total if total else 1.0}, preds
+        preds = []
+        for j, (model, channels_last) in enumerate(models):
+            if i == 0:
+                for _ in range(warmup):
+                    predict(model, x, channels_last=channels_last)
+            start = time.perf_counter()
+            pred = predict(model, x, channels_last=channels_last)[0].numpy()
+            seconds[j].append(time.perf_counter() - start)
+            confusion[j] += np.bincount(mask[valid].astype(np.int64) * num_classes + pred[valid],
+                                        minlength=num_classes ** 2).reshape(num_classes, num_classes)
+            preds.append(pred)
+            agree[j] += int((preds[0] == pred).sum())
+        total += preds[0].size
+    return [{"images": len(seconds[j]), "img_per_s": len(seconds[j]) / sum(seconds[j]),
+             "p50_ms": 1000 * float(np.median(seconds[j])),
+             "miou": SegmentationMetrics.from_confusion(confusion[j]).miou,
+             "agreement_with_eager_fp32": agree[j] / total} for j in range(k)]
 
 
 def table(r: dict) -> str:
@@ -131,9 +135,7 @@ def main() -> None:
 
     # Eager as everseg's eval, predict and serve run it: channels-last (1.8x NCHW's speed here).
     eager = eager.to(memory_format=torch.channels_last)
-    base, reference = run(eager, test, None, n, channels_last=True)
-    rows.append({"name": "eager PyTorch fp32 (channels-last)", "macs": macs, "params": params, "file_mb": weights_mb, **base})
-    print(rows[-1], flush=True)
+    runs = [("eager PyTorch fp32 (channels-last)", eager, True, weights_mb, {})]
     if cpu_has_native_bf16():
         class Bf16(torch.nn.Module):
             def __init__(self, inner):
@@ -144,31 +146,29 @@ def main() -> None:
                 with torch.autocast("cpu", dtype=torch.bfloat16):
                     return self.inner(x).float()
 
-        row, _ = run(Bf16(eager), test, reference, n, channels_last=True)
-        rows.append({"name": "eager PyTorch bf16 autocast", "macs": macs, "params": params, "file_mb": weights_mb, **row})
+        runs.append(("eager PyTorch bf16 autocast (channels-last)", Bf16(eager), True, weights_mb, {}))
     else:
         notes.append("No eager bf16 row: this CPU has no native bfloat16 (no AVX512-BF16 or AMX), where everseg's "
                      "default is float32; bf16 autocast here would be emulated.")
-
     fp32 = export_model(model_dir, RUNS / "model-fp32.onnx", dynamic=True, overwrite=True)
-    row, _ = run(load_trained_model(fp32.path), test, reference, n)
-    rows.append({"name": "ONNX Runtime fp32", "macs": macs, "params": params,
-                 "file_mb": fp32.path.stat().st_size / 2**20, **row})
-    print(rows[-1], flush=True)
-
+    runs.append(("ONNX Runtime fp32", load_trained_model(fp32.path), False, fp32.path.stat().st_size / 2**20, {}))
     int8 = export_model(model_dir, RUNS / "model-int8.onnx", dynamic=True, int8=True, calibration=args.data,
                         dataset="camvid", split="train", calibration_images=args.calibration_images,
                         min_agreement=0.01, overwrite=True)
-    row, _ = run(load_trained_model(int8.path), test, reference, n)
-    rows.append({"name": "ONNX Runtime int8 (static, QDQ, per-channel)", "macs": macs, "params": params,
-                 "file_mb": int8.path.stat().st_size / 2**20, "kept_float": int8.kept_float, **row})
-    print(rows[-1], flush=True)
+    runs.append(("ONNX Runtime int8 (static, QDQ, per-channel)", load_trained_model(int8.path), False,
+                 int8.path.stat().st_size / 2**20, {"kept_float": int8.kept_float}))
+    measured = run([(m, cl) for _, m, cl, _, _ in runs], test, n)
+    for (name, _, _, mb, extra), row in zip(runs, measured):
+        rows.append({"name": name, "macs": macs, "params": params, "file_mb": mb, **extra, **row})
+        print(rows[-1], flush=True)
 
     eager_row, fp32_row, int8_row = rows[0], rows[-2], rows[-1]
     notes.append(f"int8 against ONNX Runtime fp32: {int8_row['img_per_s'] / fp32_row['img_per_s']:.2f}x the speed, "
                  f"{fp32_row['miou'] - int8_row['miou']:+.1f} mIoU lost, {fp32_row['file_mb'] / int8_row['file_mb']:.1f}x "
                  f"smaller; against eager fp32 {int8_row['img_per_s'] / eager_row['img_per_s']:.2f}x the speed. "
-                 "Most of the speed is ONNX Runtime's (its fp32 graph alone), not int8's.")
+                 + ("Most of the speed is ONNX Runtime's (its fp32 graph alone), not int8's."
+                    if fp32_row["img_per_s"] / eager_row["img_per_s"] > int8_row["img_per_s"] / fp32_row["img_per_s"]
+                    else "Most of the speed is int8's, not ONNX Runtime's fp32 graph's."))
     flags = cpu_flags()
     if not (flags["avx512_vnni"] or flags["avx_vnni"]):
         notes.append("Without VNNI (this CPU), ONNX Runtime's u8 x s8 convolutions multiply-add with AVX2's "
