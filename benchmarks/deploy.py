@@ -170,7 +170,7 @@ def main() -> None:
 
     eager_row, fp32_row, int8_row = rows[0], rows[-2], rows[-1]
     notes.append(f"int8 against ONNX Runtime fp32: {int8_row['img_per_s'] / fp32_row['img_per_s']:.2f}x the speed, "
-                 f"{fp32_row['miou'] - int8_row['miou']:+.1f} mIoU lost, {fp32_row['file_mb'] / int8_row['file_mb']:.1f}x "
+                 f"{fp32_row['miou'] - int8_row['miou']:.1f} mIoU lost, {fp32_row['file_mb'] / int8_row['file_mb']:.1f}x "
                  f"smaller; against eager fp32 {int8_row['img_per_s'] / eager_row['img_per_s']:.2f}x the speed. "
                  + ("Most of the speed is ONNX Runtime's (its fp32 graph alone), not int8's."
                     if fp32_row["img_per_s"] / eager_row["img_per_s"] > int8_row["img_per_s"] / fp32_row["img_per_s"]

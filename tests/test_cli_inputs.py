@@ -176,6 +176,7 @@ CASES = [
     ("update finetune unknown", "serve --registry {root}/reg6 --update-finetune partly", ["--update-finetune", "partly"]),
     ("serve without a model", "serve --registry {root}/reg2", ["--registry", "no model yet", "--model"]),
     ("serve a missing model", "serve --registry {root}/reg3 --model {root}/nomodel", ["nomodel"]),
+    ("serve an ONNX file", "serve --registry {root}/reg7 --model {root}/plain.onnx", ["plain.onnx", "model folder"]),
     ("serve a missing holdout", "serve --registry {root}/reg4 --model {model} --holdout {root}/nodata", ["nodata"]),
     ("serve a missing token file", "serve --registry {root}/reg5 --model {model} --token-file {root}/notoken",
      ["--token-file", "notoken"]),

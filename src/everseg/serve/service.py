@@ -57,6 +57,9 @@ def prepare_registry(registry: Path, model: str | Path | None) -> ModelRegistry:
         if model is None:
             raise ValueError(f"--registry {registry} has no model yet: pass --model MODEL to publish one as "
                              "version 1")
+        if Path(model).suffix.lower() == ".onnx":
+            raise ValueError(f"--model {model}: the service trains the model it serves, so it takes an everseg model "
+                             "folder; ONNX files run in eval and predict")
         source = resolve_model_dir(model).resolve()
         loaded = load_trained_model(source)
         reg = reg or ModelRegistry(registry)
