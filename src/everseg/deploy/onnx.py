@@ -178,8 +178,9 @@ def export_onnx(model: nn.Module, out: str | os.PathLike[str], *, height: int | 
     Without ``height``/``width`` the file takes any image size (``dynamic``). The parity check
     runs ONNX Runtime and PyTorch on ``check_images`` (default: the embedded sample's test
     images) and refuses to write a file whose class maps agree on less than ``min_agreement``
-    of the pixels. ``int8`` (see :func:`everseg.deploy.quantize.quantize_int8`) writes a
-    statically quantised file instead. An existing ``out`` is replaced only with ``overwrite``.
+    of the pixels. ``int8`` (``{"images": calibration images, "description": what they are}``, see
+    :func:`everseg.deploy.quantize.quantize_int8`) writes a statically quantised file
+    instead. An existing ``out`` is replaced only with ``overwrite``.
     """
     out = Path(out)
     size = _parse_size(height, width, dynamic)
@@ -202,7 +203,7 @@ def export_onnx(model: nn.Module, out: str | os.PathLike[str], *, height: int | 
         if int8 is not None:
             from everseg.deploy.quantize import quantize_int8
 
-            report.kept_float = quantize_int8(tmp, tmp, **int8)
+            report.kept_float = quantize_int8(tmp, tmp, images=int8["images"])
             extra["int8"] = {"calibration": int8.get("description", ""), "kept_float": report.kept_float}
         report.metadata = model_metadata(model, input_size=size, extra=extra)
         _write_metadata(tmp, report.metadata)

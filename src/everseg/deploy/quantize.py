@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -69,7 +69,7 @@ class _Calibration:
 
 
 def quantize_int8(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, images: Sequence[np.ndarray],
-                  description: str = "", reduce_range: bool = False, **_: Any) -> list[str]:
+                  reduce_range: bool = False) -> list[str]:
     """Quantise the ONNX file ``src`` into ``dst`` (may be the same path), calibrated on ``images``
     (RGB uint8 at a size the file takes); return what was kept in float and why.
 
