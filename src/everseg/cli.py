@@ -267,6 +267,89 @@ def export(
                   f"{report.checked_images} check images")
 
 
+TemperatureOpt = Annotated[float, typer.Option(help="Temperature of the pixel-wise KL term")]
+KdWeightOpt = Annotated[float, typer.Option(help="Weight of the pixel-wise KL term (0: off)")]
+ChannelWeightOpt = Annotated[float, typer.Option(
+    help="Weight of the channel-wise distillation term (CWD; 0: off)")]
+ChannelTemperatureOpt = Annotated[float, typer.Option(help="Temperature of the channel-wise term")]
+
+
+def _recipe(config: Optional[Path], teacher: Path, set_: list[str], data: Optional[Path], dataset: Optional[str],
+            epochs: Optional[int]):
+    """``--config``, else the config the teacher was trained with (its run folder's), else the defaults."""
+    from everseg.deploy.distill import teacher_recipe
+
+    if config is None:
+        config = teacher_recipe(teacher)
+        if config is not None:
+            console.print(f"recipe: {config}, the config {teacher} was trained with (--config to choose another)")
+    return _config(config, set_, **{"data.path": ("--data", None if data is None else str(data)),
+                                    "data.dataset": ("--dataset", dataset), "train.epochs": ("--epochs", epochs)})
+
+
+def _trained(result: Any) -> None:
+    best = (f", best val mIoU {result.best_miou:.2f} (epoch {result.best_epoch + 1})"
+            if result.best_miou is not None else "")
+    console.print(f"trained {_plural(result.epochs_run, 'epoch')} in {_minutes(result.train_seconds)}{best}; "
+                  f"model: {result.model_dir}")
+
+
+@app.command()
+def distill(
+    teacher: Annotated[Path, typer.Option(help="The trained model that teaches (model or run folder)")],
+    student: Annotated[str, typer.Option(help="Student architecture ARCH/BACKBONE, e.g. lraspp/mobilenet_v2")],
+    out: Annotated[Path, typer.Option(help="Run folder of the student: config, checkpoint, model/")],
+    data: Annotated[Optional[Path], typer.Option(help="Training data (default: the teacher's)")] = None,
+    dataset: DatasetOpt = None,
+    config: Annotated[Optional[Path], typer.Option(
+        help="YAML config (default: the one the teacher was trained with, else built-in defaults)")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Overrides train.epochs")] = None,
+    temperature: TemperatureOpt = 1.0,
+    kd_weight: KdWeightOpt = 1.0,
+    channel_weight: ChannelWeightOpt = 0.0,
+    channel_temperature: ChannelTemperatureOpt = 4.0,
+    resume: Annotated[bool, typer.Option(help="Continue the interrupted run in --out")] = False,
+    overwrite: OverwriteOpt = False,
+    set_: SetOpt = [],
+    progress: ProgressOpt = True,
+) -> None:
+    """Train a smaller student model taught by the labels and by a trained teacher's predictions."""
+    from everseg.deploy.distill import distill_model
+
+    cfg = _recipe(config, teacher, set_, data, dataset, epochs)
+    _trained(distill_model(teacher, student, cfg, out, temperature=temperature, weight=kd_weight,
+                           channel_weight=channel_weight, channel_temperature=channel_temperature,
+                           resume=resume, overwrite=overwrite, progress=progress))
+
+
+@app.command()
+def compress(
+    model: Annotated[Path, typer.Option(help="The trained model to compress (model or run folder)")],
+    prune: Annotated[float, typer.Option(help="Share of each layer's channels to remove, e.g. 0.4")],
+    out: Annotated[Path, typer.Option(help="Run folder of the pruned model: config, checkpoint, model/")],
+    data: Annotated[Optional[Path], typer.Option(help="Fine-tuning data (default: the model's training data)")] = None,
+    dataset: DatasetOpt = None,
+    config: Annotated[Optional[Path], typer.Option(
+        help="YAML config (default: the one the model was trained with, else built-in defaults)")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Overrides train.epochs")] = None,
+    temperature: TemperatureOpt = 1.0,
+    kd_weight: KdWeightOpt = 1.0,
+    channel_weight: ChannelWeightOpt = 0.0,
+    channel_temperature: ChannelTemperatureOpt = 4.0,
+    resume: Annotated[bool, typer.Option(help="Continue the interrupted run in --out")] = False,
+    overwrite: OverwriteOpt = False,
+    set_: SetOpt = [],
+    progress: ProgressOpt = True,
+) -> None:
+    """Prune a model's channels, then fine-tune it with the unpruned model as its teacher."""
+    from everseg.deploy.distill import compress_model
+
+    cfg = _recipe(config, model, set_, data, dataset, epochs)
+    _trained(compress_model(model, prune, cfg, out, temperature=temperature, weight=kd_weight,
+                            channel_weight=channel_weight, channel_temperature=channel_temperature,
+                            resume=resume, overwrite=overwrite, progress=progress))
+
+
 @app.command()
 def predict(
     images: Annotated[list[Path], typer.Argument(help="Image files, or folders of images")],

@@ -91,19 +91,23 @@ def finetune_plugins(cfg: RunConfig) -> list[Plugin]:
 
 
 def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
-          progress: bool = True, plugins: Sequence[Plugin] = ()) -> FitResult:
+          progress: bool = True, plugins: Sequence[Plugin] = (), model: nn.Module | None = None,
+          protect: Sequence[str | Path] = ()) -> FitResult:
     """Train as ``cfg`` says, writing the run (config, checkpoint, model, TensorBoard) into ``out_dir``.
 
     A folder that already holds a run is refused unless ``resume`` (continue it) or
     ``overwrite`` (replace it) says otherwise; a refused call writes nothing.
+    ``model``: train this model instead of building one from ``cfg.model`` (a pruned model);
+    ``protect``: paths the run folder must not contain (the models this run starts from).
     """
-    clear = claim_run_folder(out_dir, resume=resume, overwrite=overwrite,
-                             protect=[cfg.model.init_from] if cfg.model.init_from else ())
+    protect = [*protect, *([cfg.model.init_from] if cfg.model.init_from else [])]
+    clear = claim_run_folder(out_dir, resume=resume, overwrite=overwrite, protect=protect)
     train_set, val_set = build_datasets(cfg)
     # Seeded before the model is built, or the decoder's initial weights differ from run to run
     # and so does the result (the Trainer seeds again for data order and augmentation).
     seed_everything(cfg.train.seed)
-    model = build_model(cfg, train_set)
+    if model is None:
+        model = build_model(cfg, train_set)
     if clear:
         clear_run_folder(out_dir)
     trainer = Trainer(model, train_set, val_set, cfg, out_dir,

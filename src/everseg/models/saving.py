@@ -162,8 +162,12 @@ def load_model(directory: str | os.PathLike[str], map_location: str | torch.devi
     except Exception as exc:
         raise ValueError(f"cannot read model weights {weights_path}: {exc}") from exc
     try:
+        if config.pruned:
+            from everseg.models.widths import fit_widths_to_state
+
+            fit_widths_to_state(model, state)
         model.load_state_dict(state)
-    except RuntimeError as exc:
+    except (RuntimeError, ValueError) as exc:
         raise ValueError(f"{weights_path} does not fit the model described in {config_path}: {exc}") from exc
     model.metadata = dict(payload.get("metadata") or {})
     return model.to(device).eval()

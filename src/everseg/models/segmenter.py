@@ -29,6 +29,7 @@ class ModelConfig:
     decoder_channels: int = 256  # decoder width; what it means per architecture: decoders.py
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # subtracted from [0, 1] RGB input
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)  # then divided by this
+    pruned: float = 0.0  # share of channels structured pruning removed (0: the architecture's widths; else the saved weights set them)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -53,8 +54,9 @@ class ModelConfig:
         for key in ("num_classes", "output_stride", "decoder_channels"):
             if key in values:
                 values[key] = int(values[key])
-        if "dropout" in values:
-            values["dropout"] = float(values["dropout"])
+        for key in ("dropout", "pruned"):
+            if key in values:
+                values[key] = float(values[key])
         return cls(**values)
 
 
