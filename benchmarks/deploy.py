@@ -2,10 +2,15 @@
 (float32 and static int8), on the 233 CamVid test images at 360x480, batch 1, 2 threads.
 
     .venv/bin/python benchmarks/deploy.py --model RUN_OR_MODEL      # about 10 minutes on 2 cores
+    .venv/bin/python benchmarks/deploy.py --model benchmarks/runs/deploy/camvid-teacher \
+        --extra "pruned 40 % + KD=benchmarks/runs/deploy/pruned40" \
+        --extra "student LR-ASPP + KD=benchmarks/runs/deploy/student-kd" \
+        --extra "student LR-ASPP, no KD (eager only)=benchmarks/runs/deploy/student-plain"
+                                            # the models benchmarks/compress.py trains; ~20 minutes
 
 Each row: images per second and p50 latency (the runtimes take turns in blocks of 10 images) of the whole prediction (model + class argmax) over
 the test set, MACs and parameters of the graph, file size, test mIoU, and the share of test
-pixels whose class equals eager float32's. The int8 file is calibrated on 32 CamVid training
+pixels whose class equals the (teacher's) eager float32's. The int8 file is calibrated on 32 CamVid training
 images. Writes results/deploy.json and its section of benchmarks/README.md.
 """
 
@@ -111,6 +116,9 @@ def main() -> None:
     p.add_argument("--model-note", default="", help="where the model came from, for the table")
     p.add_argument("--data", type=Path, default=SHARED_DATA / "camvid")
     p.add_argument("--calibration-images", type=int, default=32)
+    p.add_argument("--extra", action="append", default=[], metavar="LABEL=MODEL",
+                   help="another model of the same classes (a pruned model, a student); a label ending in "
+                        "'(eager only)' gets no ONNX rows")
     p.add_argument("--images", type=int, default=None, help="only the first N test images (a quick check)")
     p.add_argument("--report", action="store_true", help="only write the README section from results/deploy.json")
     args = p.parse_args()
@@ -130,18 +138,30 @@ def main() -> None:
     torch.set_num_threads(2)
     RUNS.mkdir(parents=True, exist_ok=True)
     model_dir = resolve_model_dir(args.model)
-    eager = load_trained_model(model_dir)
     test = open_dataset(args.data, dataset="camvid", split="test")
     if args.images:
         test = test.subset(range(min(args.images, len(test))))
-    n = eager.num_classes
-    macs, params = macs_and_params(eager)
-    weights_mb = (model_dir / "model.safetensors").stat().st_size / 2**20
     rows, notes = [], []
+    runs = []  # (row name, model, channels_last, file MB, extra, eager model for MACs, group)
 
-    # Eager as everseg's eval, predict and serve run it: channels-last (1.8x NCHW's speed here).
-    eager = eager.to(memory_format=torch.channels_last)
-    runs = [("eager PyTorch fp32 (channels-last)", eager, True, weights_mb, {})]
+    def add_model(label: str, directory: Path, tag: str, onnx_rows: bool) -> None:
+        """Rows of one model: eager fp32 (channels-last, as everseg's commands run it: 1.8x NCHW's speed
+        here), and with ``onnx_rows`` ONNX Runtime fp32 and int8 (calibrated on CamVid training images)."""
+        eager = load_trained_model(directory).to(memory_format=torch.channels_last)
+        mb = (directory / "model.safetensors").stat().st_size / 2**20
+        runs.append((f"{label}: eager PyTorch fp32 (channels-last)", eager, True, mb, {}, eager, tag))
+        if not onnx_rows:
+            return
+        fp32 = export_model(directory, RUNS / f"{tag}-fp32.onnx", dynamic=True, overwrite=True)
+        runs.append((f"{label}: ONNX Runtime fp32", load_trained_model(fp32.path), False,
+                     fp32.path.stat().st_size / 2**20, {}, eager, tag))
+        int8 = export_model(directory, RUNS / f"{tag}-int8.onnx", dynamic=True, int8=True, calibration=args.data,
+                            dataset="camvid", split="train", calibration_images=args.calibration_images,
+                            min_agreement=0.01, overwrite=True)
+        runs.append((f"{label}: ONNX Runtime int8 (static, QDQ, per-channel)", load_trained_model(int8.path), False,
+                     int8.path.stat().st_size / 2**20, {"kept_float": int8.kept_float}, eager, tag))
+
+    add_model("teacher", model_dir, "model", True)
     if cpu_has_native_bf16():
         class Bf16(torch.nn.Module):
             def __init__(self, inner):
@@ -152,37 +172,46 @@ def main() -> None:
                 with torch.autocast("cpu", dtype=torch.bfloat16):
                     return self.inner(x).float()
 
-        runs.append(("eager PyTorch bf16 autocast (channels-last)", Bf16(eager), True, weights_mb, {}))
+        eager = runs[0][1]
+        runs.insert(1, ("teacher: eager PyTorch bf16 autocast (channels-last)", Bf16(eager), True, runs[0][3], {},
+                        eager, "model"))
     else:
         notes.append("No eager bf16 row: this CPU has no native bfloat16 (no AVX512-BF16 or AMX), where everseg's "
                      "default is float32; bf16 autocast here would be emulated.")
-    fp32 = export_model(model_dir, RUNS / "model-fp32.onnx", dynamic=True, overwrite=True)
-    runs.append(("ONNX Runtime fp32", load_trained_model(fp32.path), False, fp32.path.stat().st_size / 2**20, {}))
-    int8 = export_model(model_dir, RUNS / "model-int8.onnx", dynamic=True, int8=True, calibration=args.data,
-                        dataset="camvid", split="train", calibration_images=args.calibration_images,
-                        min_agreement=0.01, overwrite=True)
-    runs.append(("ONNX Runtime int8 (static, QDQ, per-channel)", load_trained_model(int8.path), False,
-                 int8.path.stat().st_size / 2**20, {"kept_float": int8.kept_float}))
-    measured = run([(m, cl) for _, m, cl, _, _ in runs], test, n)
-    for (name, _, _, mb, extra), row in zip(runs, measured):
-        rows.append({"name": name, "macs": macs, "params": params, "file_mb": mb, **extra, **row})
+    for item in args.extra:
+        label, eq, where = item.partition("=")
+        extra_dir = resolve_model_dir(where)
+        add_model(label, extra_dir, extra_dir.parent.name, onnx_rows=not label.endswith("(eager only)"))
+    macs = {}
+    for _, _, _, _, _, eager, tag in runs:
+        if tag not in macs:
+            macs[tag] = macs_and_params(eager)
+    measured = run([(m, cl) for _, m, cl, *_ in runs], test, runs[0][1].num_classes)
+    for (name, _, _, mb, extra, _, tag), row in zip(runs, measured):
+        rows.append({"name": name, "model": tag, "macs": macs[tag][0], "params": macs[tag][1], "file_mb": mb,
+                     **extra, **row})
         print(rows[-1], flush=True)
 
-    eager_row, fp32_row, int8_row = rows[0], rows[-2], rows[-1]
+    by = {r["name"]: r for r in rows}
+    eager_row = by["teacher: eager PyTorch fp32 (channels-last)"]
+    fp32_row, int8_row = by["teacher: ONNX Runtime fp32"], by["teacher: ONNX Runtime int8 (static, QDQ, per-channel)"]
     notes.append(f"int8 against ONNX Runtime fp32: {int8_row['img_per_s'] / fp32_row['img_per_s']:.2f}x the speed, "
                  f"{fp32_row['miou'] - int8_row['miou']:.1f} mIoU lost, {fp32_row['file_mb'] / int8_row['file_mb']:.1f}x "
                  f"smaller; against eager fp32 {int8_row['img_per_s'] / eager_row['img_per_s']:.2f}x the speed. "
                  + ("Most of the speed is ONNX Runtime's (its fp32 graph alone), not int8's."
                     if fp32_row["img_per_s"] / eager_row["img_per_s"] > int8_row["img_per_s"] / fp32_row["img_per_s"]
                     else "Most of the speed is int8's, not ONNX Runtime's fp32 graph's."))
+    for r in rows:
+        if r["model"] != "model" and r["name"].endswith("eager PyTorch fp32 (channels-last)"):
+            notes.append(f"{r['name'].split(':')[0]} against the teacher, both eager fp32: {eager_row['macs'] / r['macs']:.2f}x "
+                         f"fewer MACs, {r['img_per_s'] / eager_row['img_per_s']:.2f}x the speed, "
+                         f"{r['miou'] - eager_row['miou']:+.1f} mIoU.")
     flags = cpu_flags()
     if not (flags["avx512_vnni"] or flags["avx_vnni"]):
         notes.append("Without VNNI (this CPU), ONNX Runtime's u8 x s8 convolutions multiply-add with AVX2's "
                      "vpmaddubsw, whose 16-bit pair sums can saturate and which does about half the work per "
                      "instruction of a VNNI CPU's vpdpbusd: on an AVX-512 VNNI CPU the int8 row should be faster "
                      "than here, and its accuracy no worse.")
-    notes.append("Not measured yet: pruned and distilled students (their rows come with `everseg compress` and "
-                 "`everseg distill`).")
     result = {"machine": machine_info(), "cpu_flags": flags, "onnxruntime": onnxruntime.__version__,
               "model_name": str(args.model), "model_note": args.model_note, "rows": rows, "notes": notes}
     write_json("deploy", result)

@@ -171,6 +171,26 @@ CASES = [
      ["--calibration", "other_classes", "classes"]),
     ("onnx file from elsewhere", "eval --model {root}/plain.onnx --data {data}", ["plain.onnx", "no everseg metadata"]),
     ("onnx file missing", "predict --model {root}/gone.onnx --out {root}/p9 {image}", ["gone.onnx", "no such ONNX file"]),
+    # distil and compress
+    ("student without a backbone", "distill --teacher {model} --student lraspp --data {data} --out {root}/d1",
+     ["--student", "ARCH/BACKBONE"]),
+    ("student of an unknown architecture", "distill --teacher {model} --student nosuch/mobilenet_v2 --data {data} --out {root}/d2",
+     ["nosuch", "architecture"]),
+    ("student of an unknown backbone", "distill --teacher {model} --student lraspp/nosuch --data {data} --out {root}/d3",
+     ["nosuch", "backbone"]),
+    ("teacher missing", "distill --teacher {root}/nope --student lraspp/mobilenet_v2 --data {data} --out {root}/d4",
+     ["{root}/nope"]),
+    ("distil on data of other classes", "distill --teacher {model} --student lraspp/mobilenet_v2 --data {other_classes} --out {root}/d5",
+     ["other_classes", "Himmel", "teacher"]),
+    ("distil at temperature 0", "distill --teacher {model} --student lraspp/mobilenet_v2 --data {data} --out {root}/d6 --temperature 0",
+     ["--temperature", "positive"]),
+    ("distil without data", "distill --teacher {model} --student lraspp/mobilenet_v2 --out {root}/d7",
+     ["no --data", "does not record"]),
+    ("prune everything", "compress --model {model} --prune 1 --data {data} --out {root}/c1", ["--prune", "between 0 and 1"]),
+    ("prune into the model's folder", "compress --model {model} --prune 0.5 --data {data} --out {model}",
+     ["--out", "the model this run starts from"]),
+    ("compress an ONNX file", "compress --model {root}/plain.onnx --prune 0.5 --data {data} --out {root}/c2",
+     ["plain.onnx", "not a model folder"]),
     # the service
     ("update crop not HxW", "serve --registry {root}/reg1 --update-crop 240", ["--update-crop", "240"]),
     ("update finetune unknown", "serve --registry {root}/reg6 --update-finetune partly", ["--update-finetune", "partly"]),
@@ -196,7 +216,7 @@ def test_bad_input_is_one_clear_line(world, name, argv, words):
         assert word.format(**fill) in line, (word, line)
     # Nothing was written for a refused training or teaching run.
     for flag in ("--out",):
-        if flag in args and args[0] in ("train", "learn", "scenario"):
+        if flag in args and args[0] in ("train", "learn", "scenario", "distill", "compress"):
             out = Path(args[args.index(flag) + 1])
             assert out == world["model"] or not out.exists(), out
     if args[0] == "serve":  # a refused start makes no registry
