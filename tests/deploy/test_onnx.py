@@ -52,15 +52,18 @@ def test_a_fixed_size_file_says_so_for_other_sizes(model_dir, tmp_path):
         m(torch.rand(1, 3, 32, 32))
 
 
-def test_an_existing_file_is_kept_and_a_refused_export_writes_nothing(model_dir, tmp_path):
+def test_an_existing_file_is_kept_and_a_refused_export_writes_nothing(model_dir, tmp_path, monkeypatch):
     (tmp_path / "keep.onnx").write_bytes(b"precious")
     with pytest.raises(FileExistsError, match="--overwrite"):
         export_model(model_dir, tmp_path / "keep.onnx")
     assert (tmp_path / "keep.onnx").read_bytes() == b"precious"
     net = load_trained_model(model_dir)
-    # An int8 file never matches PyTorch on every pixel: asking for that makes the check refuse.
-    with pytest.raises(ValueError, match="not written"):
-        export_onnx(net, tmp_path / "new" / "q.onnx", min_agreement=1.0,
+    # A file whose classes disagree with PyTorch's (here: the parity check is told so) is refused.
+    import everseg.deploy.onnx as onnx_module
+
+    monkeypatch.setattr(onnx_module, "parity", lambda *a: (0.9, 3.0))
+    with pytest.raises(ValueError, match="not written.*90.00 %"):
+        export_onnx(net, tmp_path / "new" / "q.onnx", min_agreement=0.99,
                     int8={"images": [np.random.default_rng(0).integers(0, 256, (64, 80, 3), dtype=np.uint8)]})
     assert not (tmp_path / "new").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.onnx"]
@@ -81,6 +84,28 @@ def test_int8_is_calibrated_on_the_users_data_and_says_what_stayed_float(model_d
     assert (tmp_path / "q.onnx").stat().st_size < 0.5 * export_model(model_dir, tmp_path / "f.onnx").path.stat().st_size
     m = load_trained_model(tmp_path / "q.onnx")
     assert m.int8 and predict(m, torch.rand(1, 3, 64, 80)).shape == (1, 64, 80)
+
+
+def test_int8_keeps_in_float_the_convolutions_that_move_the_classes(model_dir, tiny_camvid, tmp_path):
+    def int8_convs(path):
+        graph = onnx.load(str(path)).graph
+        producers = {o: n.op_type for n in graph.node for o in n.output}
+        convs = [n for n in graph.node if n.op_type == "Conv"]
+        return sum(producers.get(c.input[1]) == "DequantizeLinear" for c in convs), len(convs)
+
+    loose = export_model(model_dir, tmp_path / "loose.onnx", int8=True, calibration=tiny_camvid,
+                         calibration_images=4, check_images=2, min_agreement=0.5)
+    strict = export_model(model_dir, tmp_path / "strict.onnx", int8=True, calibration=tiny_camvid,
+                          calibration_images=4, check_images=2, min_agreement=0.97)
+    # Every convolution in int8 moves 10 % of this untrained model's classes: the strict file
+    # keeps the worst in float, says which, and meets its threshold; the loose one needs none.
+    assert not any("moved the classes" in line for line in loose.kept_float)
+    line = next(line for line in strict.kept_float if "moved the classes" in line)
+    assert "aimed at 98.50 %" in line
+    n_loose, total = int8_convs(tmp_path / "loose.onnx")
+    n_strict, _ = int8_convs(tmp_path / "strict.onnx")
+    assert n_loose == total - 1 and 0 < n_strict < n_loose
+    assert strict.agreement >= 0.97 > loose.agreement
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")

@@ -203,7 +203,7 @@ def export_onnx(model: nn.Module, out: str | os.PathLike[str], *, height: int | 
         if int8 is not None:
             from everseg.deploy.quantize import quantize_int8
 
-            report.kept_float = quantize_int8(tmp, tmp, images=int8["images"])
+            report.kept_float = quantize_int8(tmp, tmp, images=int8["images"], min_agreement=min_agreement)
             extra["int8"] = {"calibration": int8.get("description", ""), "kept_float": report.kept_float}
         report.metadata = model_metadata(model, input_size=size, extra=extra)
         _write_metadata(tmp, report.metadata)
