@@ -10,20 +10,16 @@ from everseg.deploy.distill import TeacherDistillation, channel_kl, compress_mod
 from everseg.deploy.prune import count_macs, prune_channels
 from everseg.learn import load_config
 from everseg.learn.trainer import read_history
-from everseg.models import create_model, load_model, save_model
+from everseg.models import load_model, save_model
 from everseg.workflows import export_model, load_trained_model
 
 TINY = {"data.crop_size": [48, 64], "data.val_split": "test", "model.pretrained": False,
         "train.batch_size": 4, "train.bf16": "off", "train.epochs": 1, "train.seed": 0}
 
 
-@pytest.fixture(scope="module")
-def teacher_dir(tiny_camvid, tmp_path_factory):
-    train = open_dataset(tiny_camvid, dataset="folder", split="train")
-    torch.manual_seed(0)
-    model = create_model(arch="deeplabv3plus", backbone="mobilenet_v2", label_space=train.label_space,
-                         pretrained=False, decoder_channels=32)
-    return save_model(model, tmp_path_factory.mktemp("t") / "model")
+@pytest.fixture
+def teacher_dir(model_dir):
+    return model_dir
 
 
 def _cfg(data, **more):

@@ -10,19 +10,9 @@ import torch
 from everseg.data import open_dataset
 from everseg.deploy import OnnxModelError, export_onnx, load_onnx_model, read_metadata
 from everseg.evaluate import evaluate, predict
-from everseg.models import create_model, save_model
 from everseg.workflows import export_model, load_trained_model
 
 pytest.importorskip("onnxruntime")
-
-
-@pytest.fixture(scope="module")
-def model_dir(tiny_camvid, tmp_path_factory):
-    train = open_dataset(tiny_camvid, dataset="folder", split="train")
-    torch.manual_seed(0)
-    model = create_model(arch="deeplabv3plus", backbone="mobilenet_v2", label_space=train.label_space,
-                         pretrained=False, decoder_channels=32)
-    return save_model(model, tmp_path_factory.mktemp("m") / "model")
 
 
 def test_dynamic_export_carries_metadata_and_runs_like_pytorch(model_dir, tiny_camvid, tmp_path):
