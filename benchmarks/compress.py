@@ -48,7 +48,8 @@ def main() -> None:
     backbone = args.student.split("/")[1]
     tag = f"pruned{round(100 * args.prune)}"
     jobs = {
-        "student-kd": ["distill", "--teacher", str(args.teacher), "--student", args.student],
+        "student-kd": ["distill", "--teacher", str(args.teacher), "--student", args.student,
+                       "--channel-weight", "0"],
         "student-plain": ["train", "--config", str(recipe), "--set", f"model.arch={arch}",
                           "--set", f"model.backbone={backbone}"],
         tag: ["compress", "--model", str(args.teacher), "--prune", str(args.prune),

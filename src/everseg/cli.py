@@ -306,7 +306,7 @@ def distill(
     epochs: Annotated[Optional[int], typer.Option(help="Overrides train.epochs")] = None,
     temperature: TemperatureOpt = 1.0,
     kd_weight: KdWeightOpt = 1.0,
-    channel_weight: ChannelWeightOpt = 0.0,
+    channel_weight: ChannelWeightOpt = 3.0,
     channel_temperature: ChannelTemperatureOpt = 4.0,
     resume: Annotated[bool, typer.Option(help="Continue the interrupted run in --out")] = False,
     overwrite: OverwriteOpt = False,

@@ -14,7 +14,8 @@ The distillation terms, computed on the same augmented crops the student trains 
   2019, and CIRKD, Yang et al. CVPR 2022): ``T^2 * KL(softmax(t/T) || softmax(s/T))``
   per pixel, averaged over all pixels (unlabelled ones included: the teacher has an
   answer there too);
-- channel-wise (CWD, Shu et al. ICCV 2021), optional: per class map, a softmax over the
+- channel-wise (CWD, Shu et al. ICCV 2021), on by default for ``distill`` where it paid
+  (+3.1 mIoU over the pixel term alone, see :func:`distill_model`): per class map, a softmax over the
   image's pixels at temperature ``T_c``, and the KL between the teacher's and the
   student's spatial distributions, averaged over images and classes, times ``T_c^2``. It
   transfers where each class lies in the image rather than each pixel's class mixture.
@@ -144,11 +145,16 @@ def _with_data(cfg: RunConfig, teacher: nn.Module, teacher_dir: Path) -> RunConf
 
 
 def distill_model(teacher: str | Path, student: str, cfg: RunConfig, out: str | Path, *,
-                  temperature: float = 1.0, weight: float = 1.0, channel_weight: float = 0.0,
+                  temperature: float = 1.0, weight: float = 1.0, channel_weight: float = 3.0,
                   channel_temperature: float = 4.0, resume: bool = False, overwrite: bool = False,
                   progress: bool = True) -> Any:
     """``everseg distill``: train a new ``student`` ("ARCH/BACKBONE", ImageNet backbone as in
-    ``cfg.model.pretrained``) on ``cfg``'s data, taught by the labels and by ``teacher``."""
+    ``cfg.model.pretrained``) on ``cfg``'s data, taught by the labels and by ``teacher``.
+
+    The channel-wise term is on by default (weight 3, CWD's): on CamVid, a DeepLabV3+ teacher
+    (54.6 mIoU) taught an LR-ASPP student to 56.3 with it, 53.2 with the pixel-wise term alone
+    and 50.9 without distillation, at the same 6 epochs (benchmarks/README.md, deployment).
+    """
     from everseg.learn.run import train
     from everseg.workflows import load_trained_model, resolve_model_dir
 
