@@ -93,6 +93,13 @@ def _session(path: Path) -> Any:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
+def _agreement(path: Path, probe: Sequence[np.ndarray], classes: Sequence[np.ndarray]) -> float:
+    """Share of the ``probe`` images' pixels whose class under the file at ``path`` is ``classes``'."""
+    s = _session(path)
+    same = sum(int((s.run(None, _inputs(im))[0].argmax(1) == c).sum()) for im, c in zip(probe, classes))
+    return same / sum(c.size for c in classes)
+
+
 def _where(names: Sequence[str]) -> str:
     """``/decoder/aspp/branches.1/...`` names summarised by their module, e.g. ``decoder.aspp (3)``."""
     parts = Counter(".".join(p for p in n.strip("/").split("/")[:2]) for n in names)
@@ -135,11 +142,6 @@ def _search(trials: _Trials, convs: list[str], keep: list[str], probe: Sequence[
     ref_classes = [r.argmax(1) for r in ref_logits]
     scale = float(np.mean([r.var() for r in ref_logits])) or 1.0
 
-    def agreement(path: Path) -> float:
-        s = _session(path)
-        same = sum(int((s.run(None, _inputs(im))[0].argmax(1) == c).sum()) for im, c in zip(probe, ref_classes))
-        return same / sum(c.size for c in ref_classes)
-
     candidates = [c for c in convs if c not in keep]
     harm = {}
     for conv in candidates:  # each convolution in int8 alone: how far it moves the logits
@@ -150,7 +152,7 @@ def _search(trials: _Trials, convs: list[str], keep: list[str], probe: Sequence[
     lo, hi, best = 0, len(order), 1.0  # lo convolutions in int8 are known to keep the target
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        reached = agreement(trials.quantize(trials.tmp / "some.onnx", exclude=keep + order[mid:]))
+        reached = _agreement(trials.quantize(trials.tmp / "some.onnx", exclude=keep + order[mid:]), probe, ref_classes)
         if reached >= target:
             lo, best = mid, reached
         else:
@@ -192,9 +194,7 @@ def quantize_int8(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, i
             probe = [images[i] for i in dict.fromkeys(spread)]
             target = min(1.0, min_agreement + (1.0 - min_agreement) / 2)
             classes = [r.argmax(1) for r in (_session(prepared).run(None, _inputs(im))[0] for im in probe)]
-            s = _session(out)
-            same = sum(int((s.run(None, _inputs(im))[0].argmax(1) == c).sum()) for im, c in zip(probe, classes))
-            everything = same / sum(c.size for c in classes)
+            everything = _agreement(out, probe, classes)
             if everything < target:
                 if not trials.can_reuse:
                     said.append(f"no search for convolutions to keep in float: this onnxruntime cannot reuse a "
