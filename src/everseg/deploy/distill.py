@@ -33,6 +33,7 @@ from torch import nn
 
 from everseg.learn.config import RunConfig
 from everseg.learn.plugins import Batch, Plugin, StepOutput
+from everseg.learn.rundir import claim_run_folder
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +162,8 @@ def distill_model(teacher: str | Path, student: str, cfg: RunConfig, out: str | 
     check_distillation_settings(temperature, weight, channel_weight, channel_temperature)
     arch, backbone = parse_student(student)
     teacher_dir = resolve_model_dir(teacher).resolve()
+    # Before any work: a run folder that cannot be used is refused first (train() checks again).
+    claim_run_folder(out, resume=resume, overwrite=overwrite, protect=[teacher_dir])
     teacher_model = load_trained_model(teacher_dir)
     cfg = _with_data(cfg, teacher_model, teacher_dir)
     cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={
@@ -190,6 +193,7 @@ def compress_model(model: str | Path, prune: float, cfg: RunConfig, out: str | P
     if not 0 < prune < 1:
         raise ValueError(f"--prune must be a share of channels between 0 and 1 (exclusive), got {prune}")
     source_dir = resolve_model_dir(model).resolve()
+    claim_run_folder(out, resume=resume, overwrite=overwrite, protect=[source_dir])
     teacher = load_trained_model(source_dir)
     cfg = _with_data(cfg, teacher, source_dir)
     mc = teacher.config
