@@ -38,13 +38,9 @@ def cpu_flags() -> dict[str, bool]:
 
 
 def macs_and_params(model, size=(360, 480)) -> tuple[float, int]:
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
+    from everseg.deploy.prune import count_macs
 
-    x = torch.rand(1, 3, *size)
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(x)
-    return counter.get_total_flops() / 2, sum(p.numel() for p in model.parameters())
+    return count_macs(model, size), sum(p.numel() for p in model.parameters())
 
 
 def run(models: list[tuple[object, bool]], test, num_classes: int, block: int = 10) -> list[dict]:
