@@ -12,7 +12,9 @@ time budget, so the machine's other load changes how long a run takes, not what 
 - ``student-kd``: ``everseg distill`` of the same student, labels + pixel-wise KL (T = 1);
 - ``student-kd-cwd``: the same + the channel-wise term (CWD, weight 3, T = 4);
 - ``pruned40``: ``everseg compress --prune 0.4``, fine-tuned at half the recipe's LR with
-  the unpruned teacher's pixel-wise KL.
+  the unpruned teacher's pixel-wise KL;
+- ``pruned20-d60``: the same with ``--prune 0.2 --prune-decoder 0.6`` (about as many MACs
+  removed, most of them from the decoder).
 
 A run whose model exists already is skipped (delete its folder to train it again). Writes
 results/compress-runs.json: each run's command, wall time and the commit.
@@ -39,7 +41,8 @@ def main() -> None:
     p.add_argument("--student", default="lraspp/mobilenet_v2")
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--prune", type=float, default=0.4)
-    p.add_argument("--only", nargs="*", help="run only these (student-plain, student-kd, student-kd-cwd, pruned40)")
+    p.add_argument("--only", nargs="*",
+                   help="run only these (student-plain, student-kd, student-kd-cwd, pruned40, pruned20-d60)")
     args = p.parse_args()
     recipe = args.teacher / "config.yaml"
     everseg = [str(Path(sys.executable).parent / "everseg")]
@@ -54,6 +57,8 @@ def main() -> None:
                           "--set", f"model.backbone={backbone}"],
         tag: ["compress", "--model", str(args.teacher), "--prune", str(args.prune),
               "--set", "optim.lr=0.01"],
+        "pruned20-d60": ["compress", "--model", str(args.teacher), "--prune", "0.2", "--prune-decoder", "0.6",
+                         "--set", "optim.lr=0.01"],
         "student-kd-cwd": ["distill", "--teacher", str(args.teacher), "--student", args.student,
                            "--channel-weight", "3"],
     }

@@ -327,6 +327,8 @@ def compress(
     model: Annotated[Path, typer.Option(help="The trained model to compress (model or run folder)")],
     prune: Annotated[float, typer.Option(help="Share of each layer's channels to remove, e.g. 0.4")],
     out: Annotated[Path, typer.Option(help="Run folder of the pruned model: config, checkpoint, model/")],
+    prune_decoder: Annotated[Optional[float], typer.Option(
+        help="Share of the decoder's channels to remove instead of --prune's, e.g. 0.6 with --prune 0.2")] = None,
     data: Annotated[Optional[Path], typer.Option(help="Fine-tuning data (default: the model's training data)")] = None,
     dataset: DatasetOpt = None,
     config: Annotated[Optional[Path], typer.Option(
@@ -345,7 +347,7 @@ def compress(
     from everseg.deploy.distill import compress_model
 
     cfg = _recipe(config, model, set_, data, dataset, epochs)
-    _trained(compress_model(model, prune, cfg, out, temperature=temperature, weight=kd_weight,
+    _trained(compress_model(model, prune, cfg, out, prune_decoder=prune_decoder, temperature=temperature, weight=kd_weight,
                             channel_weight=channel_weight, channel_temperature=channel_temperature,
                             resume=resume, overwrite=overwrite, progress=progress))
 

@@ -179,19 +179,19 @@ def distill_model(teacher: str | Path, student: str, cfg: RunConfig, out: str | 
 
 
 def compress_model(model: str | Path, prune: float, cfg: RunConfig, out: str | Path, *,
-                   temperature: float = 1.0, weight: float = 1.0, channel_weight: float = 0.0,
+                   prune_decoder: float | None = None, temperature: float = 1.0, weight: float = 1.0, channel_weight: float = 0.0,
                    channel_temperature: float = 4.0, resume: bool = False, overwrite: bool = False,
                    progress: bool = True) -> Any:
-    """``everseg compress``: prune ``prune`` of ``model``'s channels, then fine-tune the pruned model on
+    """``everseg compress``: prune ``prune`` of ``model``'s channels (``prune_decoder`` of the
+    decoder's when given), then fine-tune the pruned model on
     ``cfg``'s data with the unpruned model as its teacher. Pruning is deterministic (weight
     magnitudes), so ``resume`` rebuilds the same pruned model and continues its run."""
-    from everseg.deploy.prune import count_macs, prune_channels
+    from everseg.deploy.prune import check_ratios, count_macs, prune_channels
     from everseg.learn.run import train
     from everseg.workflows import load_trained_model, resolve_model_dir
 
     check_distillation_settings(temperature, weight, channel_weight, channel_temperature)
-    if not 0 < prune < 1:
-        raise ValueError(f"--prune must be a share of channels between 0 and 1 (exclusive), got {prune}")
+    check_ratios(prune, prune_decoder)
     source_dir = resolve_model_dir(model).resolve()
     claim_run_folder(out, resume=resume, overwrite=overwrite, protect=[source_dir])
     teacher = load_trained_model(source_dir)
@@ -200,16 +200,17 @@ def compress_model(model: str | Path, prune: float, cfg: RunConfig, out: str | P
     cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={
         "arch": mc.arch, "backbone": mc.backbone, "output_stride": mc.output_stride,
         "decoder_channels": mc.decoder_channels, "pretrained": False, "init_from": None})})
-    student = prune_channels(copy.deepcopy(teacher), prune)
+    student = prune_channels(copy.deepcopy(teacher), prune, decoder_ratio=prune_decoder)
     before, after = count_macs(teacher), count_macs(student)
     params = (sum(p.numel() for p in teacher.parameters()), sum(p.numel() for p in student.parameters()))
-    log.info("pruned %.0f %% of the channels of %s: %.2f -> %.2f GMACs at 360x480 (%.2fx fewer), "
-             "%.2f -> %.2f M parameters", 100 * prune, source_dir, before / 1e9, after / 1e9, before / after,
+    shares = f"{100 * prune:.0f} %" + ("" if prune_decoder is None else f" (decoder {100 * prune_decoder:.0f} %)")
+    log.info("pruned %s of the channels of %s: %.2f -> %.2f GMACs at 360x480 (%.2fx fewer), "
+             "%.2f -> %.2f M parameters", shares, source_dir, before / 1e9, after / 1e9, before / after,
              params[0] / 1e6, params[1] / 1e6)
     student.metadata = {k: v for k, v in (teacher.metadata or {}).items() if k == "class_fractions"}
     plugin = TeacherDistillation(teacher, temperature=temperature, weight=weight,
                                  channel_weight=channel_weight, channel_temperature=channel_temperature,
-                                 record={"pruned_from": str(source_dir), "prune_ratio": prune,
+                                 record={"pruned_from": str(source_dir), "prune_ratio": prune, "prune_decoder_ratio": prune_decoder,
                                          "macs_before": before, "macs_after": after, "kd_temperature": temperature,
                                          "kd_weight": weight, "kd_channel_weight": channel_weight})
     return train(cfg, out, resume=resume, overwrite=overwrite, progress=progress, plugins=[plugin],
