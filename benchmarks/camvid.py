@@ -20,7 +20,7 @@ from common import BENCH_DIR, SHARED_DATA, machine_info, update_readme_section, 
 from everseg.data import load_camvid
 from everseg.evaluate import evaluate
 from everseg.learn import load_config, train
-from everseg.learn.trainer import cpu_has_native_bf16
+from everseg.devices import cpu_has_native_bf16
 from everseg.models import load_model
 
 VARIANTS = {

@@ -154,7 +154,7 @@ def collect(protocol: str, args) -> dict:
     if base is not None and scenario.spec.kind == "domain" and not base.initial_domain_miou:
         # A base trained before its report carried the untrained model's scores: measure them
         # once (the same seeded model step 0 started from) so forward transfer can be shown.
-        from everseg.learn.trainer import cpu_has_native_bf16
+        from everseg.devices import cpu_has_native_bf16
 
         base.initial_domain_miou = untrained_domain_miou(scenario, _config(args, args.domain_base_minutes),
                                                          cpu_has_native_bf16())
@@ -244,7 +244,7 @@ def run_stream(args) -> dict:
     from everseg.evaluate import evaluate
     from everseg.learn.memory import ReplayMemory
     from everseg.learn.online import OnlineLearner
-    from everseg.learn.trainer import cpu_has_native_bf16
+    from everseg.devices import cpu_has_native_bf16
     from everseg.models import load_model
 
     scenario = _scenario("camvid-domains", args)

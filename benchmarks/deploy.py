@@ -129,7 +129,7 @@ def main() -> None:
     import torch
 
     from everseg.data import open_dataset
-    from everseg.learn.trainer import cpu_has_native_bf16
+    from everseg.devices import cpu_has_native_bf16
     from everseg.workflows import export_model, load_trained_model, resolve_model_dir
 
     torch.set_num_threads(2)

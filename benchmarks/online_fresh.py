@@ -93,7 +93,7 @@ def main() -> None:
     import torch
 
     from everseg.data import open_dataset
-    from everseg.learn.trainer import cpu_has_native_bf16
+    from everseg.devices import cpu_has_native_bf16
 
     torch.set_num_threads(2)
     model_dir = demo_model()

@@ -142,7 +142,7 @@ def predict_latency(model_dir: Path, images: list[bytes], arrays: list[np.ndarra
     import torch
 
     from everseg.evaluate import predict_image
-    from everseg.learn.trainer import cpu_has_native_bf16
+    from everseg.devices import cpu_has_native_bf16
     from everseg.models import load_model
 
     model = load_model(model_dir).to(memory_format=torch.channels_last)
@@ -250,7 +250,7 @@ def stream(args, runs: Path) -> dict:
     from everseg.evaluate import evaluate
     from everseg.learn.memory import ReplayMemory
     from everseg.learn.online import OnlineLearner
-    from everseg.learn.trainer import cpu_has_native_bf16
+    from everseg.devices import cpu_has_native_bf16
     from everseg.models import load_model, save_model
 
     cargs = argparse.Namespace(data=args.data, config=BENCH_DIR.parent / "configs" / "camvid.yaml",
@@ -391,7 +391,7 @@ def main() -> None:
     picks = np.linspace(0, len(test) - 1, args.images).round().astype(int)
     arrays = [test.decoded(i)[0] for i in picks]
     images = [png(a) for a in arrays]
-    from everseg.learn.trainer import cpu_has_native_bf16
+    from everseg.devices import cpu_has_native_bf16
 
     result = {"machine": {**machine_info(), "bf16": cpu_has_native_bf16()}, "holdout_images": 20,
               "update_options": update_options,

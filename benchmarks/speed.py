@@ -22,7 +22,8 @@ from torch.utils.data import DataLoader
 from common import SHARED_DATA, machine_info, update_readme_section, write_json
 from everseg.data import AugmentConfig, load_camvid, train_transform
 from everseg.evaluate import predict
-from everseg.learn import Trainer, cpu_has_native_bf16, load_config
+from everseg.devices import cpu_has_native_bf16
+from everseg.learn import Trainer, load_config
 from everseg.models import create_model
 
 

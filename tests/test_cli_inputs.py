@@ -194,6 +194,23 @@ CASES = [
      ["--out", "the model this run starts from"]),
     ("compress an ONNX file", "compress --model {root}/plain.onnx --prune 0.5 --data {data} --out {root}/c2",
      ["plain.onnx", "not a model folder"]),
+    # devices
+    ("train on an unknown device", "train --config {cfg} --data {data} --out {root}/dev1 --device gpu",
+     ["--device gpu", "unknown device"]),
+    ("learn on an unknown device", "learn --model {model} --data {data} --out {root}/dev2 --device tpu",
+     ["--device tpu", "unknown device"]),
+    ("eval on an unknown device", "eval --model {model} --data {data} --device cuda:x", ["--device cuda:x", "unknown device"]),
+    ("an ONNX file on a GPU", "predict {image} --model {root}/plain.onnx --out {root}/p9 --device cuda",
+     ["--device cuda", "ONNX file", "CPU"]),
+    *([] if torch.cuda.is_available() else [
+        ("train on a missing GPU", "train --config {cfg} --data {data} --out {root}/dev3 --device cuda",
+         ["cuda", "CUDA is not available"]),
+        ("eval on a missing GPU", "eval --model {model} --data {data} --device cuda:0",
+         ["--device cuda:0", "CUDA is not available"]),
+        ("serve on a missing GPU", "serve --registry {root}/reg9 --model {model} --device cuda",
+         ["--device cuda", "CUDA is not available"])]),
+    ("serve on an unknown device", "serve --registry {root}/reg8 --model {model} --device gpu",
+     ["--device gpu", "unknown device"]),
     # the service
     ("update crop not HxW", "serve --registry {root}/reg1 --update-crop 240", ["--update-crop", "240"]),
     ("update finetune unknown", "serve --registry {root}/reg6 --update-finetune partly", ["--update-finetune", "partly"]),

@@ -30,7 +30,7 @@ _CLI_SIGNALS = (typer.Exit, typer.Abort, _click_errors.ClickException,
 
 # soft_wrap: an error message is one line in a log however long its paths are (rich would
 # otherwise break it at 80 columns when stderr is not a terminal).
-console = Console(stderr=True, soft_wrap=True, highlight=False)
+console = Console(stderr=True, soft_wrap=True, highlight=False, emoji=False)
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
@@ -120,6 +120,9 @@ MemoryOpt = Annotated[int, typer.Option(min=0, help="Replay memory budget (image
 OverwriteOpt = Annotated[bool, typer.Option(help="Replace the run already in --out")]
 ThreadsOpt = Annotated[Optional[int], typer.Option(
     min=1, help="Torch threads (default: one per core; fewer is faster when other work shares the machine)")]
+DeviceOpt = Annotated[Optional[str], typer.Option(
+    help="auto | cpu | cuda | cuda:N | mps; auto = CUDA when present (default: train.device of the config, auto)")]
+InferDeviceOpt = Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N | mps; auto = CUDA when present")]
 ScalesOpt = Annotated[str, typer.Option(help="Multi-scale test-time augmentation, e.g. 0.75,1,1.25")]
 CropOpt = Annotated[Optional[str], typer.Option(help="Sliding-window tile HxW, e.g. 360x480")]
 ModeOpt = Annotated[str, typer.Option(help="whole | slide")]
@@ -187,6 +190,7 @@ def train(
     out: Annotated[Path, typer.Option(help="Run folder: config, checkpoint, TensorBoard, model/")] = Path("runs/train"),
     resume: Annotated[bool, typer.Option(help="Continue the interrupted run in --out")] = False,
     overwrite: OverwriteOpt = False,
+    device: DeviceOpt = None,
     set_: SetOpt = [],
     progress: ProgressOpt = True,
 ) -> None:
@@ -194,7 +198,8 @@ def train(
     from everseg.learn import train as run_train
 
     cfg = _config(config, set_, **{"data.path": ("--data", None if data is None else str(data)),
-                                   "data.dataset": ("--dataset", dataset), "train.epochs": ("--epochs", epochs)})
+                                   "data.dataset": ("--dataset", dataset), "train.epochs": ("--epochs", epochs),
+                                   "train.device": ("--device", device)})
     result = run_train(cfg, out, resume=resume, overwrite=overwrite, progress=progress)
     best = (f", best val mIoU {result.best_miou:.2f} (epoch {result.best_epoch + 1})"
             if result.best_miou is not None else "")
@@ -216,6 +221,7 @@ def eval_(
     flip: Annotated[bool, typer.Option(help="Flip test-time augmentation")] = False,
     scales: ScalesOpt = "1.0",
     threads: ThreadsOpt = None,
+    device: InferDeviceOpt = "cpu",
     progress: ProgressOpt = True,
 ) -> None:
     """Evaluate a model on a dataset split: table, JSON, plots and overlays (scores in percent)."""
@@ -224,11 +230,11 @@ def eval_(
 
     crop_size, scale_list = _parse_size(crop), _parse_scales(scales)
     set_threads(threads)
-    net = load_trained_model(model)
+    net = load_trained_model(model, device=device)
     ds = open_dataset(data, dataset=dataset, split=split)
     evaluate_model(net, ds, out_dir=out, json_path=json_path, overlays=overlays, mode=mode,
                    crop_size=crop_size, flip=flip, scales=scale_list, progress=progress,
-                   console=Console(soft_wrap=True))
+                   console=Console(soft_wrap=True, emoji=False))
     if out is not None:
         console.print(f"plots and overlays in {out}")
 
@@ -275,7 +281,7 @@ ChannelTemperatureOpt = Annotated[float, typer.Option(help="Temperature of the c
 
 
 def _recipe(config: Optional[Path], teacher: Path, set_: list[str], data: Optional[Path], dataset: Optional[str],
-            epochs: Optional[int]):
+            epochs: Optional[int], device: Optional[str]):
     """``--config``, else the config the teacher was trained with (its run folder's), else the defaults."""
     from everseg.deploy.distill import teacher_recipe
 
@@ -284,7 +290,8 @@ def _recipe(config: Optional[Path], teacher: Path, set_: list[str], data: Option
         if config is not None:
             console.print(f"recipe: {config}, the config {teacher} was trained with (--config to choose another)")
     return _config(config, set_, **{"data.path": ("--data", None if data is None else str(data)),
-                                    "data.dataset": ("--dataset", dataset), "train.epochs": ("--epochs", epochs)})
+                                    "data.dataset": ("--dataset", dataset), "train.epochs": ("--epochs", epochs),
+                                    "train.device": ("--device", device)})
 
 
 def _trained(result: Any) -> None:
@@ -310,13 +317,14 @@ def distill(
     channel_temperature: ChannelTemperatureOpt = 4.0,
     resume: Annotated[bool, typer.Option(help="Continue the interrupted run in --out")] = False,
     overwrite: OverwriteOpt = False,
+    device: DeviceOpt = None,
     set_: SetOpt = [],
     progress: ProgressOpt = True,
 ) -> None:
     """Train a smaller student model taught by the labels and by a trained teacher's predictions."""
     from everseg.deploy.distill import distill_model
 
-    cfg = _recipe(config, teacher, set_, data, dataset, epochs)
+    cfg = _recipe(config, teacher, set_, data, dataset, epochs, device)
     _trained(distill_model(teacher, student, cfg, out, temperature=temperature, weight=kd_weight,
                            channel_weight=channel_weight, channel_temperature=channel_temperature,
                            resume=resume, overwrite=overwrite, progress=progress))
@@ -340,13 +348,14 @@ def compress(
     channel_temperature: ChannelTemperatureOpt = 4.0,
     resume: Annotated[bool, typer.Option(help="Continue the interrupted run in --out")] = False,
     overwrite: OverwriteOpt = False,
+    device: DeviceOpt = None,
     set_: SetOpt = [],
     progress: ProgressOpt = True,
 ) -> None:
     """Prune a model's channels, then fine-tune it with the unpruned model as its teacher."""
     from everseg.deploy.distill import compress_model
 
-    cfg = _recipe(config, model, set_, data, dataset, epochs)
+    cfg = _recipe(config, model, set_, data, dataset, epochs, device)
     _trained(compress_model(model, prune, cfg, out, prune_decoder=prune_decoder, temperature=temperature, weight=kd_weight,
                             channel_weight=channel_weight, channel_temperature=channel_temperature,
                             resume=resume, overwrite=overwrite, progress=progress))
@@ -362,6 +371,7 @@ def predict(
     flip: Annotated[bool, typer.Option(help="Flip test-time augmentation")] = False,
     scales: ScalesOpt = "1.0",
     threads: ThreadsOpt = None,
+    device: InferDeviceOpt = "cpu",
     overwrite: Annotated[bool, typer.Option(help="Replace predictions already in --out")] = False,
     progress: ProgressOpt = True,
 ) -> None:
@@ -373,7 +383,7 @@ def predict(
 
     crop_size, scale_list = _parse_size(crop), _parse_scales(scales)
     set_threads(threads)
-    net = load_trained_model(model)
+    net = load_trained_model(model, device=device)
 
     def on_image(i: int, n: int, path: Path) -> None:
         if progress:
@@ -402,7 +412,7 @@ def demo(
     """Fine-tune ImageNet MobileNetV2 on the embedded CamVid sample, evaluate it, draw overlays."""
     from everseg.workflows import run_demo
 
-    result, report = run_demo(out, epochs=epochs, overwrite=overwrite, console=Console(soft_wrap=True))
+    result, report = run_demo(out, epochs=epochs, overwrite=overwrite, console=Console(soft_wrap=True, emoji=False))
     console.print(f"\nmodel:    {result.model_dir}\nmetrics:  {report / 'metrics.json'}\n"
                   f"plots:    {report / 'per_class_iou.png'}, {report / 'confusion_matrix.png'}\n"
                   f"overlays: {report / 'overlays'}/")
@@ -418,9 +428,10 @@ def _strategy_params(items: list[str]) -> dict[str, str]:
     return params
 
 
-def _continual_config(config: Optional[Path], set_: list[str], epochs: Optional[int]):
+def _continual_config(config: Optional[Path], set_: list[str], epochs: Optional[int], device: Optional[str]):
     # Scenario steps are measured on the test split: no validation split unless one is set.
-    return _config(config, ["data.val_split=none", *set_], **{"train.epochs": ("--epochs", epochs)})
+    return _config(config, ["data.val_split=none", *set_], **{"train.epochs": ("--epochs", epochs),
+                                                              "train.device": ("--device", device)})
 
 
 @app.command()
@@ -445,6 +456,7 @@ def learn(
     minutes: Annotated[Optional[float], typer.Option(help="Wall-time budget of the step, in minutes")] = None,
     memory_size: MemoryOpt = 20,
     param: ParamOpt = [],
+    device: DeviceOpt = None,
     set_: SetOpt = [],
     overwrite: OverwriteOpt = False,
     progress: ProgressOpt = True,
@@ -457,10 +469,10 @@ def learn(
         raise ValueError(f"--minutes {minutes}: must be a positive number")
     source = DataSource(str(base_data), base_dataset, base_split) if base_data is not None else None
     report = teach(model, data, out, new_classes=names, strategy=strategy, dataset=dataset, split=split,
-                   test_split=test_split, config=_continual_config(config, set_, epochs), minutes=minutes,
+                   test_split=test_split, config=_continual_config(config, set_, epochs, device), minutes=minutes,
                    memory_size=memory_size, params=_strategy_params(param), base_data=source,
                    overwrite=overwrite, progress=progress)
-    report.print_table(Console(soft_wrap=True))
+    report.print_table(Console(soft_wrap=True, emoji=False))
     console.print(f"new model: {out / 'model'} (parent: {resolve_model_dir(model).resolve()})")
 
 
@@ -483,6 +495,7 @@ def scenario_run(
     base_model: Annotated[Optional[Path], typer.Option(help="A model that already learned step 0")] = None,
     memory_size: MemoryOpt = 20,
     param: ParamOpt = [],
+    device: DeviceOpt = None,
     set_: SetOpt = [],
     overwrite: OverwriteOpt = False,
     progress: ProgressOpt = True,
@@ -493,11 +506,11 @@ def scenario_run(
     if step_minutes is not None and not 0 < step_minutes < float("inf"):
         raise ValueError(f"--step-minutes {step_minutes}: must be a positive number")
     report = run_named_scenario(data, out, protocol=protocol, scenario=scenario, strategy=strategy,
-                                dataset=dataset, config=_continual_config(config, set_, epochs),
+                                dataset=dataset, config=_continual_config(config, set_, epochs, device),
                                 step_epochs=step_epochs, step_minutes=step_minutes, base_model=base_model,
                                 memory_size=memory_size, params=_strategy_params(param), overwrite=overwrite,
                                 progress=progress)
-    report.print_table(Console(soft_wrap=True))
+    report.print_table(Console(soft_wrap=True, emoji=False))
     console.print(f"results: {out / 'results.json'}, {out / 'results.md'}, {out / 'iou_across_steps.png'}")
 
 
@@ -536,7 +549,7 @@ def models_list(registry: RegistryOpt) -> None:
         status = s["status"] + (f" ({s['reason']})" if s["reason"] else "")
         table.add_row("*" if s["active"] else "", str(s["version"]), str(s["parent"] or "–"), status,
                       fmt(s["holdout_miou"]), fmt(s["feedback_miou"]), created, s["produced_by"])
-    Console(soft_wrap=True).print(table)
+    Console(soft_wrap=True, emoji=False).print(table)
 
 
 @models_app.command("activate")
@@ -578,6 +591,7 @@ def serve(
     update_finetune: Annotated[str, typer.Option(
         help="What an update trains: full (the whole model) or frozen (decoder and classifier only: "
              "faster updates that learn less)")] = "full",
+    device: InferDeviceOpt = "auto",
 ) -> None:
     """Serve predictions, learn from corrections (checked on --holdout), keep versions; see the README."""
     from everseg.serve.service import run_service
@@ -591,8 +605,9 @@ def serve(
                 token_file=token_file,
                 worker=WorkerSettings(tolerance=tolerance, new_class_examples=new_class_examples,
                                       rollback_window=rollback_window, rollback_margin=rollback_margin,
-                                      crop=list(crop) if crop else None, finetune=update_finetune),
-                settings={"max_queued": max_queued, "max_upload_bytes": int(max_upload_mb * 2**20),
+                                      crop=list(crop) if crop else None, finetune=update_finetune,
+                                      device=device),
+                settings={"device": device, "max_queued": max_queued, "max_upload_bytes": int(max_upload_mb * 2**20),
                           "max_pixels": int(max_megapixels * 1e6)})
 
 
@@ -608,7 +623,7 @@ def data_check(
 
     ctx.find_root().error_code = 1  # a check that finds problems exits 1
     report = check_dataset(path, dataset=dataset)
-    print_report(report, Console(soft_wrap=True))
+    print_report(report, Console(soft_wrap=True, emoji=False))
     if not report.ok:
         raise typer.Exit(1)
 

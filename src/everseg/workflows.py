@@ -37,16 +37,24 @@ def resolve_model_dir(path: str | Path) -> Path:
     raise FileNotFoundError(f"{path}: not an everseg model folder (no config.json, nor model/config.json)")
 
 
-def load_trained_model(path: str | Path) -> torch.nn.Module:
+def load_trained_model(path: str | Path, device: str = "cpu") -> torch.nn.Module:
     """A model folder, a run folder holding ``model/``, or an ONNX file written by ``everseg export``
-    (run by ONNX Runtime behind the same interface)."""
+    (run by ONNX Runtime behind the same interface, on the CPU).
+
+    ``device``: where the model runs (``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``; see
+    :mod:`everseg.devices`)."""
+    from everseg.devices import check_device_name, resolve_device
     from everseg.models import load_model
 
     if Path(path).suffix.lower() == ".onnx":
         from everseg.deploy import load_onnx_model
 
+        if check_device_name(device, "--device") not in ("auto", "cpu"):
+            raise ValueError(f"--device {device}: {path} is an ONNX file, which everseg runs on the CPU "
+                             "(ONNX Runtime's CPU provider); give the model folder to run it on a GPU")
         return load_onnx_model(path, threads=torch.get_num_threads())
-    return load_model(resolve_model_dir(path))
+    target = resolve_device(device, option="--device")
+    return load_model(resolve_model_dir(path), map_location=target)
 
 
 def export_model(model: str | Path, out: str | Path, *, height: int | None = None, width: int | None = None,
@@ -117,10 +125,15 @@ def set_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
-def _bf16(bf16: bool | None) -> bool:
-    from everseg.learn.trainer import cpu_has_native_bf16
+def _bf16(bf16: bool | None, model: torch.nn.Module | None = None) -> bool:
+    """bfloat16 autocast for inference: as given, else where the model's device computes it natively."""
+    from everseg.devices import choose_precision
+    from everseg.evaluate.inference import _model_device
 
-    return cpu_has_native_bf16() if bf16 is None else bf16
+    if bf16 is not None:
+        return bf16
+    device = _model_device(model) if model is not None else torch.device("cpu")
+    return choose_precision(device).dtype == torch.bfloat16
 
 
 def evaluate_model(model: torch.nn.Module, dataset: SegmentationDataset, *, out_dir: str | Path | None = None,
@@ -136,7 +149,7 @@ def evaluate_model(model: torch.nn.Module, dataset: SegmentationDataset, *, out_
         raise ValueError(f"--overlays must be 0 or more, got {overlays}")
     from everseg.data.scenarios import align_to_model
 
-    bf16 = _bf16(bf16)
+    bf16 = _bf16(bf16, model)
     dataset, scored = align_to_model(dataset, model.label_space)
     out = Path(out_dir) if out_dir is not None else None
     saved: list[Path] = []
@@ -225,7 +238,7 @@ def predict_files(model: torch.nn.Module, images: Sequence[str | Path], out_dir:
     from everseg.evaluate.inference import _check_options
 
     _check_options(mode, crop_size, None, scales)
-    bf16 = _bf16(bf16)
+    bf16 = _bf16(bf16, model)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {out} is a file; predictions go into a folder")

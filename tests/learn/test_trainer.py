@@ -257,7 +257,7 @@ def test_the_data_summary_counts_threads_in_words(tiny_camvid, tmp_path):
         summary = Trainer(model, train, val, cfg, tmp_path / "run", progress=False)._data_summary()
     finally:
         torch.set_num_threads(before)
-    assert summary.endswith("1 thread")
+    assert summary.endswith("cpu, float32, 1 CPU thread")
 
 
 def test_dilated_depthwise_convs_get_their_weight_gradients_right_in_bf16_channels_last():

@@ -303,7 +303,7 @@ def print_report(report: CheckReport, console: Any = None, *, max_rows: int = 30
     from rich.markup import escape
     from rich.table import Table
 
-    console = console or Console()
+    console = console or Console(emoji=False)
     status = "[green]OK[/green]" if report.ok else f"[red]{report.num_problems} problem(s)[/red]"
     console.print(f"[bold]{report.root}[/bold]  dataset: {report.dataset or '?'}  {status}")
 

@@ -72,6 +72,9 @@ class TeacherDistillation(Plugin):
         self.channel_weight, self.channel_temperature = channel_weight, channel_temperature
         self.record = dict(record or {})
 
+    def frozen_models(self) -> list[nn.Module]:
+        return [self.teacher]
+
     def on_fit_start(self, trainer) -> None:
         ours, theirs = list(trainer.train_set.label_space.names), list(self.teacher.label_space.names)
         if ours != theirs:

@@ -198,7 +198,7 @@ class ContinualReport:
         from rich.console import Console
         from rich.table import Table
 
-        console = console or Console()
+        console = console or Console(emoji=False)
         table = Table(title=f"{self.scenario} / {self.strategy}")
         for col in ("step", "new classes", "images", "old mIoU", "new mIoU", "all mIoU", "seconds"):
             table.add_column(col, justify="left" if col == "new classes" else "right")

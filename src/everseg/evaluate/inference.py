@@ -339,7 +339,7 @@ class _ProgressReporter:
             return
         from rich.console import Console
 
-        console = Console(stderr=True)
+        console = Console(stderr=True, emoji=False)
         if console.is_terminal:
             from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                                        TimeElapsedColumn, TimeRemainingColumn)

@@ -74,7 +74,7 @@ def print_metrics_table(metrics: SegmentationMetrics, label_space: "LabelSpace |
     table.add_section()
     for label, *values in _summary_rows(metrics, decimals):
         table.add_row(label, *values, "", style="bold")
-    (console or Console()).print(table)
+    (console or Console(emoji=False)).print(table)
     return table
 
 

@@ -53,7 +53,7 @@ def predict_image(model: nn.Module, image: np.ndarray, *, max_pixels: int = WHOL
         x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None]
         probs = predict_probabilities(model, x, **infer)[0]
         conf, ids = best_class(probs)
-        return ids.to(torch.uint8).numpy(), conf.to(torch.float16).numpy()
+        return ids.to(torch.uint8).cpu().numpy(), conf.to(torch.float16).cpu().numpy()
     ids_out = np.empty((h, w), dtype=np.uint8)
     conf_out = np.empty((h, w), dtype=np.float16)
     cores = [(top, left) for top in _starts(h, tile) for left in _starts(w, tile)]
@@ -69,8 +69,8 @@ def predict_image(model: nn.Module, image: np.ndarray, *, max_pixels: int = WHOL
         x = torch.from_numpy(np.ascontiguousarray(image[t0:t1, l0:l1])).permute(2, 0, 1)[None]
         probs = predict_probabilities(model, x, **infer)[0]
         conf, ids = best_class(probs[:, top - t0:bottom - t0, left - l0:right - l0])
-        ids_out[top:bottom, left:right] = ids.to(torch.uint8).numpy()
-        conf_out[top:bottom, left:right] = conf.to(torch.float16).numpy()
+        ids_out[top:bottom, left:right] = ids.to(torch.uint8).cpu().numpy()
+        conf_out[top:bottom, left:right] = conf.to(torch.float16).cpu().numpy()
         del probs, x
         if on_tile is not None:
             on_tile(done, len(cores))

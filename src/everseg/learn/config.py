@@ -99,10 +99,18 @@ class TrainConfig(_Section):
     eval_every: PositiveInt = 1  # validate every N epochs (and always after the last)
     max_minutes: Positive | None = None  # time budget: training stops when it is used (mid-epoch if need be); the LR decays by time
     channels_last: bool = True  # NHWC memory layout: faster convolutions on CPU
-    bf16: Literal["auto", "on", "off"] = "auto"  # bfloat16 autocast; auto = when the CPU has native bf16
+    device: str = "auto"  # auto (CUDA when present, else CPU) | cpu | cuda | cuda:N | mps
+    bf16: Literal["auto", "on", "off"] = "auto"  # mixed precision; auto = bf16 on CPUs with native bf16, on CUDA bf16 else fp16 + scaler
     threads: PositiveInt | None = None  # torch intra-op threads; None = torch's default
     log_every: PositiveInt = 10  # steps between progress/TensorBoard updates
 
+
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, v: str) -> str:
+        from everseg.devices import check_device_name
+
+        return check_device_name(v)
 
     @field_validator("bf16", mode="before")
     @classmethod

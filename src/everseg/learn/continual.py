@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from everseg.data.scenarios import Scenario, ScenarioSpec, Step
+from everseg.devices import choose_precision, resolve_device
 from everseg.evaluate.continual import ContinualReport, StepRecord
 from everseg.learn.config import RunConfig
 from everseg.learn.memory import ReplayMemory
@@ -24,7 +25,7 @@ from everseg.learn.rundir import claim_run_folder, clear_run_folder
 from everseg.learn.run import finetune_plugins, training_augmentation
 from everseg.learn.strategies import Strategy, build_strategies, check_combination
 from everseg.learn.strategies.base import ContinualContext
-from everseg.learn.trainer import Trainer, cpu_has_native_bf16
+from everseg.learn.trainer import Trainer
 
 
 def _frozen_copy(model: nn.Module) -> nn.Module:
@@ -105,6 +106,7 @@ def run_scenario(scenario: Scenario, strategy: str | Sequence[Strategy], cfg: Ru
     from everseg.models import load_model, save_model
 
     out = Path(out_dir)
+    device = resolve_device(cfg.train.device)  # a missing GPU is refused before the run folder is touched
     base_model = None if base_model is None else Path(base_model).resolve()
     clear = claim_run_folder(out, overwrite=overwrite, protect=[base_model] if base_model else ())
     if name is None:
@@ -124,7 +126,7 @@ def run_scenario(scenario: Scenario, strategy: str | Sequence[Strategy], cfg: Ru
     if clear:
         clear_run_folder(out)
     head_init = "background" if any(s.head_init == "background" for s in strategies) else "random"
-    bf16 = cfg.train.bf16 == "on" or (cfg.train.bf16 == "auto" and cpu_has_native_bf16())
+    bf16 = choose_precision(device, cfg.train.bf16).dtype == torch.bfloat16
     augment = training_augmentation(cfg)
 
     sc_kind = scenario.spec.kind

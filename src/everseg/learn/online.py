@@ -46,6 +46,7 @@ from everseg.data.dataset import SegmentationDataset
 from everseg.data.io import check_labelled_pair
 from everseg.data.scenarios import align_to_model, has_background
 from everseg.data.transforms import AugmentConfig, train_transform
+from everseg.devices import choose_precision, resolve_device
 from everseg.evaluate.metrics import SegmentationMetrics
 from everseg.learn.config import load_config
 from everseg.learn.losses import compute_class_weights
@@ -54,7 +55,7 @@ from everseg.learn.plugins import Plugin
 from everseg.learn.run import finetune_plugins
 from everseg.learn.strategies.base import ContinualContext
 from everseg.learn.strategies.replay import Replay
-from everseg.learn.trainer import Trainer, cpu_has_native_bf16
+from everseg.learn.trainer import Trainer
 from everseg.models.versions import ModelRegistry
 
 
@@ -150,6 +151,8 @@ class OnlineLearner:
         keep_rejected: keep refused candidates in the registry (status "rejected", with the reason).
         publish_info: added to the info of every version this learner publishes.
         finetune: ``full`` or ``frozen`` (only the decoder and classifier learn; faster updates).
+        device: where updates train and the learner's model runs (``auto``: CUDA when present);
+            ``model`` is moved there.
 
     Holdout mIoU is over the holdout's own classes: a model with more (a background class, new
     classes) is scored on the data's classes, relabelled by name.
@@ -159,10 +162,13 @@ class OnlineLearner:
                  memory: ReplayMemory | None = None, memory_size: int = 20, steps: int = 4, replay: int = 3,
                  lr: float | None = None, tolerance: float = 1.0, crop_size: tuple[int, int] | None = None, seed: int = 0,
                  class_weights: str = "inverse_sqrt", holdout_every: int | None = None,
-                 keep_rejected: bool = False, publish_info: dict | None = None, finetune: str = "full"):
+                 keep_rejected: bool = False, publish_info: dict | None = None, finetune: str = "full",
+                 device: str = "auto"):
         if holdout_every is not None and holdout_every < 2:
             raise ValueError(f"holdout_every must be at least 2 (every image held out trains nothing), "
                              f"got {holdout_every}")
+        self.device = resolve_device(device, option="device")
+        model = model.to(self.device)
         self.registry = registry if isinstance(registry, ModelRegistry) else ModelRegistry(registry)
         self.holdout, self._scored = align_to_model(holdout, model.label_space)
         self.holdout_every = holdout_every
@@ -178,11 +184,11 @@ class OnlineLearner:
             memory = ReplayMemory.load(stored) if (stored / "memory.json").is_file() else None
         self.memory = memory if memory is not None else ReplayMemory(memory_size, policy="reservoir", seed=seed)
         self.steps, self.replay, self.tolerance = steps, replay, tolerance
-        self.bf16 = cpu_has_native_bf16()
+        self.bf16 = choose_precision(self.device).dtype == torch.bfloat16
         self._lock = threading.Lock()
         self._seen = 0
         self.config = load_config(None, {
-            "train.epochs": steps, "train.batch_size": 1, "train.seed": seed, "train.log_every": 10**9,
+            "train.epochs": steps, "train.device": str(self.device), "train.batch_size": 1, "train.seed": seed, "train.log_every": 10**9,
             "optim.lr": lr if lr is not None else (0.01 if finetune == "frozen" else 0.0005), "optim.schedule": "constant", "optim.weight_decay": 0.0, "train.finetune": finetune,
             "data.val_split": None,
             "data.crop_size": list(crop_size) if crop_size else None, "data.scale": [0.9, 1.1]})
@@ -193,7 +199,7 @@ class OnlineLearner:
             self._version = self._publish(model, parent=None, info={"source": "initial"})
         else:
             self._version = self.registry.current
-            self._model = self.registry.load(self._version).eval()
+            self._model = self.registry.load(self._version, map_location=self.device).eval()
             self._confusion = self._holdout_confusion(self._model)
 
     @property
@@ -210,7 +216,7 @@ class OnlineLearner:
         current = self.registry.current
         if current is None or current == self._version:
             return False
-        model = self.registry.load(current).eval()
+        model = self.registry.load(current, map_location=self.device).eval()
         confusion = self._holdout_confusion(model)
         with self._lock:
             self._model, self._confusion, self._version = model, confusion, current
@@ -223,7 +229,7 @@ class OnlineLearner:
         with self._lock:
             model = self._model
         x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None]
-        return predict(model, x, autocast_bf16=self.bf16)[0].numpy()
+        return predict(model, x, autocast_bf16=self.bf16)[0].cpu().numpy()
 
     @property
     def holdout_miou(self) -> float:

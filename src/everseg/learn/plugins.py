@@ -38,6 +38,11 @@ class Plugin:
 
     needs_features: bool = False  # ask the model for intermediate features each step
 
+    def frozen_models(self) -> list[torch.nn.Module]:
+        """Models the plugin runs beside the trained one (a teacher, the previous step's model);
+        the Trainer moves them to its device before ``on_fit_start``."""
+        return []
+
     def on_fit_start(self, trainer: "Trainer") -> None:
         """After the model, optimiser and data are ready, before the first epoch."""
 

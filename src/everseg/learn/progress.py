@@ -13,7 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 class TrainProgress:
     def __init__(self, total_epochs: int, steps_per_epoch: int, console: Console | None = None,
                  enabled: bool = True):
-        self.console = console or Console(stderr=True)
+        self.console = console or Console(stderr=True, emoji=False)
         self.enabled = enabled
         self.live = enabled and self.console.is_terminal
         self.total_epochs = total_epochs

@@ -100,6 +100,9 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, overwrit
     ``model``: train this model instead of building one from ``cfg.model`` (a pruned model);
     ``protect``: paths the run folder must not contain (the models this run starts from).
     """
+    from everseg.devices import resolve_device
+
+    resolve_device(cfg.train.device)  # a missing GPU is refused before anything is read or cleared
     protect = [*protect, *([cfg.model.init_from] if cfg.model.init_from else [])]
     clear = claim_run_folder(out_dir, resume=resume, overwrite=overwrite, protect=protect)
     train_set, val_set = build_datasets(cfg)

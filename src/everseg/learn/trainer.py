@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from everseg.atomic import atomic_torch_save, atomic_write_json, atomic_write_text
+from everseg.devices import choose_precision, resolve_device
 from everseg.data.dataset import SegmentationDataset
 from everseg.learn.config import RunConfig
 from everseg.learn.losses import SegmentationLoss, compute_class_weights
@@ -34,15 +35,6 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "checkpoint.pt"
 MODEL_DIR_NAME = "model"
-
-
-def cpu_has_native_bf16() -> bool:
-    """True when the CPU computes bfloat16 natively (AVX512-BF16 or AMX); emulated bf16 is slower than fp32."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def keep_dilated_depthwise_nchw(model: nn.Module) -> list:
@@ -109,7 +101,13 @@ class Trainer:
         tc = config.train
         if tc.threads:
             torch.set_num_threads(tc.threads)
-        self.use_bf16 = tc.bf16 == "on" or (tc.bf16 == "auto" and cpu_has_native_bf16())
+        self.device = resolve_device(tc.device)
+        self.precision = choose_precision(self.device, tc.bf16)
+        # Evaluation autocasts only to bfloat16; float16 training validates in float32.
+        self.use_bf16 = self.precision.dtype == torch.bfloat16
+        self.scaler = self.precision.grad_scaler()
+        # The model is moved now, before plugins and strategies copy or measure it.
+        self.model.to(self.device)
         self.criterion = criterion if criterion is not None else self._default_criterion()
         # Loop state; everything here is saved in the checkpoint.
         self.epoch = 0
@@ -142,13 +140,23 @@ class Trainer:
         return DataLoader(self.train_set, batch_size=tc.batch_size, shuffle=True,
                           drop_last=len(self.train_set) >= tc.batch_size,
                           num_workers=dc.num_workers, persistent_workers=dc.num_workers > 0,
-                          worker_init_fn=_worker_init, generator=generator)
+                          worker_init_fn=_worker_init, generator=generator,
+                          # Page-locked batches copy to a GPU asynchronously; on the CPU pinning is a wasted copy.
+                          pin_memory=self.device.type == "cuda")
 
     def to_batch(self, raw: dict[str, Any]) -> Batch:
-        image = raw["image"]
+        """A loader's (or a plugin's) uint8 batch as the model takes it: on the device, float in [0, 1]."""
+        blocking = self.device.type != "cuda"
+        # uint8 crosses to the device (a quarter of float32's bytes), then becomes float there.
+        image = raw["image"].to(self.device, non_blocking=not blocking).float().div_(255.0)
         if self.config.train.channels_last:
             image = image.contiguous(memory_format=torch.channels_last)
-        return Batch(image=image.float().div_(255.0), mask=raw["mask"], stems=list(raw["stem"]))
+        return Batch(image=image, mask=raw["mask"].to(self.device, non_blocking=not blocking),
+                     stems=list(raw["stem"]))
+
+    def autocast(self):
+        """The mixed-precision context of this run's forward passes (plugins running models use it too)."""
+        return self.precision.autocast()
 
     def _data_summary(self) -> str:
         parts = []
@@ -157,9 +165,11 @@ class Trainer:
                 where = (f"decoded in memory, {ds.memory_bytes() / 2**20:.0f} MiB" if ds.is_cached
                          else "decoded from disk each epoch")
                 parts.append(f"{role}: {len(ds)} images ({where})")
-        precision = "bfloat16 autocast" if self.use_bf16 else "float32"
+        where = (f"{self.device} ({torch.cuda.get_device_name(self.device)})" if self.device.type == "cuda"
+                 else str(self.device))
         threads = torch.get_num_threads()
-        return f"{'; '.join(parts)}; {precision}, {threads} thread{'s' if threads != 1 else ''}"
+        return (f"{'; '.join(parts)}; {where}, {self.precision.name}, "
+                f"{threads} CPU thread{'s' if threads != 1 else ''}")
 
     def request_stop(self) -> None:
         """Ask the loop to stop after the current epoch (plugins, signal handlers)."""
@@ -185,6 +195,9 @@ class Trainer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.out_dir / "config.yaml", cfg.to_yaml())
         needs_features = any(p.needs_features for p in self.plugins)
+        for plugin in self.plugins:
+            for frozen in plugin.frozen_models():
+                frozen.to(self.device)
         progress = TrainProgress(tc.epochs, len(loader), enabled=self.show_progress)
         if resume:
             done = (f"{self.epoch} of {tc.epochs} epochs done, {self.train_seconds / 60:.1f} min"
@@ -203,7 +216,8 @@ class Trainer:
 
         session_start = time.perf_counter()
         epochs_this_session = 0
-        nchw_hooks = keep_dilated_depthwise_nchw(self.model) if self.use_bf16 and tc.channels_last else []
+        nchw_hooks = (keep_dilated_depthwise_nchw(self.model)
+                      if self.use_bf16 and tc.channels_last and self.device.type == "cpu" else [])
         try:
             while self.epoch < tc.epochs and not self.stop_requested:
                 if self.epoch > 0 and not self._next_step_fits():
@@ -215,7 +229,7 @@ class Trainer:
                 progress.start_epoch(self.epoch)
                 epoch_start = self._epoch_start = time.perf_counter()
                 last_step_end = epoch_start
-                loss_sum = torch.zeros(())
+                loss_sum = torch.zeros((), device=self.device)
                 term_sums: dict[str, torch.Tensor] = {}
                 n_batches = 0
                 out_of_time = False
@@ -224,7 +238,7 @@ class Trainer:
                     batch = self.to_batch(raw)
                     for plugin in self.plugins:
                         plugin.before_forward(self, batch)
-                    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.use_bf16):
+                    with self.autocast():
                         if needs_features:
                             logits, feats = self.model(batch.image, return_features=True)
                         else:
@@ -234,15 +248,22 @@ class Trainer:
                         for plugin in self.plugins:
                             terms.update(plugin.loss_terms(self, batch, output))
                         loss = sum(terms.values())
-                    (loss / tc.grad_accum).backward()
+                    self.scaler.scale(loss / tc.grad_accum).backward()
                     if (i + 1) % tc.grad_accum == 0:
+                        # Plugins and clipping see true gradients, not float16-scaled ones.
+                        self.scaler.unscale_(self.optimizer)
                         for plugin in self.plugins:
                             plugin.after_backward(self)
                         if cfg.optim.grad_clip:
                             nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
-                        self.optimizer.step()
+                        # A scaled step whose gradients overflowed is skipped and the scale lowered;
+                        # the LR schedule waits for a step that happened.
+                        scale = self.scaler.get_scale() if self.precision.scaled else None
+                        self.scaler.step(self.optimizer)
+                        self.scaler.update()
                         self.optimizer.zero_grad(set_to_none=True)
-                        self.scheduler.step()
+                        if scale is None or self.scaler.get_scale() >= scale:
+                            self.scheduler.step()
                         self.global_step += 1
                         now = time.perf_counter()
                         took, last_step_end = now - last_step_end, now
@@ -254,7 +275,7 @@ class Trainer:
                         plugin.after_step(self, batch, output)
                     loss_sum += loss.detach().float()
                     for k, v in terms.items():
-                        term_sums[k] = term_sums.get(k, torch.zeros(())) + v.detach().float()
+                        term_sums[k] = term_sums.get(k, torch.zeros((), device=self.device)) + v.detach().float()
                     n_batches += 1
                     self.images_seen += batch.image.shape[0]
                     if (i + 1) % tc.log_every == 0 or i + 1 == len(loader) or out_of_time:
@@ -419,13 +440,15 @@ class Trainer:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
             "loop": {"epoch": self.epoch, "global_step": self.global_step, "images_seen": self.images_seen,
                      "train_seconds": self.train_seconds,
                      "best_miou": self.best_miou, "best_epoch": self.best_epoch,
                      "stale_validations": self.stale_validations, "history": self.history},
             "plugins": [p.state_dict() for p in self.plugins],
             "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
-                    "torch": torch.get_rng_state(), "loader": generator.get_state()},
+                    "torch": torch.get_rng_state(), "loader": generator.get_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None},
             "config": self.config.model_dump(mode="json"),
         }
         atomic_torch_save(self.out_dir / CHECKPOINT_NAME, state)
@@ -446,6 +469,8 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler") and self.precision.scaled:
+            self.scaler.load_state_dict(state["scaler"])
         loop = state["loop"]
         self.epoch, self.global_step = loop["epoch"], loop["global_step"]
         self.images_seen, self.history = loop["images_seen"], loop["history"]
@@ -459,6 +484,10 @@ class Trainer:
         np.random.set_state(rng["numpy"])
         torch.set_rng_state(rng["torch"])
         generator.set_state(rng["loader"])
+        # CUDA's generators only when saved on as many GPUs: a run may resume on another device.
+        cuda_states = rng.get("cuda")
+        if cuda_states and self.device.type == "cuda" and len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_states)
 
 
 def read_history(run_dir: str | Path) -> list[dict[str, Any]]:

@@ -28,6 +28,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
 from torch import nn
 
 from everseg.database import connect, write_transaction
@@ -120,12 +121,12 @@ class ModelRegistry:
         """The history of the active pointer: publish, activate, rollback, auto-rollback."""
         return self._rows("SELECT * FROM registry_events ORDER BY id")
 
-    def load(self, version: int | None = None) -> nn.Module:
+    def load(self, version: int | None = None, map_location: str | torch.device = "cpu") -> nn.Module:
         version = self.current if version is None else version
         if version is None:
             raise RegistryError(f"{self.root}: the registry has no model yet")
         self.entry(version)
-        return load_model(self.path(version))
+        return load_model(self.path(version), map_location=map_location)
 
     # ------------------------------------------------------------------ writing
     def publish(self, model: nn.Module, *, parent: int | None = None, info: dict[str, Any] | None = None,

@@ -49,21 +49,25 @@ class ServeSettings:
     max_pixels: int = 25_000_000  # largest image, read from its header before decoding (413 above)
     max_queued: int = 100  # feedback items waiting at most (429 above)
     poll_seconds: float = 0.25  # how often the active version is looked up
-    bf16: bool | None = None  # bfloat16 inference; None = when the CPU has native bf16
+    bf16: bool | None = None  # bfloat16 inference; None = where the device computes it natively
+    device: str = "auto"  # where predictions run: auto (CUDA when present) | cpu | cuda | cuda:N | mps
     extra: dict[str, Any] = field(default_factory=dict)  # shown on /healthz (holdout, worker)
 
 
 class ServedModel:
     """The active version's model, kept in step with the registry by a background thread."""
 
-    def __init__(self, registry: ModelRegistry, poll_seconds: float = 0.25):
+    def __init__(self, registry: ModelRegistry, poll_seconds: float = 0.25, device: str = "auto"):
+        from everseg.devices import resolve_device
+
         self.registry = registry
         self.poll_seconds = poll_seconds
+        self.device = resolve_device(device, option="--device")
         self._lock = threading.Lock()
         version = registry.current
         if version is None:
             raise RegistryError(f"{registry.root}: the registry has no model yet; pass --model to publish one")
-        self._served: tuple[int, nn.Module] = (version, self._prepare(registry.load(version)))
+        self._served: tuple[int, nn.Module] = (version, self._prepare(registry.load(version, self.device)))
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.load_errors = 0
@@ -83,7 +87,7 @@ class ServedModel:
         if version is None or version == self._served[0]:
             return False
         try:
-            model = self._prepare(self.registry.load(version))
+            model = self._prepare(self.registry.load(version, self.device))
         except Exception as exc:  # a broken folder must not take the service down
             self.load_errors += 1
             log.error("cannot load version %s, still serving %s: %s", version, self._served[0], exc)
@@ -125,13 +129,13 @@ def create_app(settings: ServeSettings, *, served: ServedModel | None = None,
                store: FeedbackStore | None = None, registry: ModelRegistry | None = None) -> FastAPI:
     """The FastAPI app. ``served`` / ``store`` / ``registry`` default to new ones on
     ``settings.registry``; the app starts following the registry when it starts up."""
-    from everseg.learn.trainer import cpu_has_native_bf16
+    from everseg.devices import choose_precision
 
     registry = registry or ModelRegistry(settings.registry)
-    served = served or ServedModel(registry, settings.poll_seconds)
+    served = served or ServedModel(registry, settings.poll_seconds, settings.device)
     store = store or FeedbackStore(settings.registry, max_queued=settings.max_queued)
     metrics = ServiceMetrics(registry, store)
-    bf16 = cpu_has_native_bf16() if settings.bf16 is None else settings.bf16
+    bf16 = choose_precision(served.device).dtype == torch.bfloat16 if settings.bf16 is None else settings.bf16
     # One prediction at a time, with all cores: on 2 cores two at once, each with 2 threads,
     # only made each slower (benchmarks/serve.py).
     infer_lock = threading.Lock()

@@ -117,8 +117,11 @@ def run_service(registry: str | Path, *, model: str | Path | None = None, holdou
 
     from everseg.serve.app import ServeSettings, create_app
 
+    from everseg.devices import resolve_device
+
     root = Path(registry)
     # Everything the user gave is checked before the registry is touched: a refused start changes nothing.
+    resolve_device((settings or {}).get("device", "auto"), option="--device")
     token, token_path = read_or_create_token(root, token_file) if token_file is not None else (None, None)
     extra: dict[str, Any] = {"learning": holdout is not None}
     if holdout is not None:

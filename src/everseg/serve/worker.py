@@ -64,6 +64,7 @@ class WorkerSettings:
     # backbone features: the fastest updates, which learn less (benchmarks/README.md).
     finetune: str = "full"
     new_class_minutes: float = 2.0  # wall-time budget of teaching new classes
+    device: str = "auto"  # where updates train: auto (CUDA when present) | cpu | cuda | cuda:N | mps
 
 
 def holdout_fingerprint(dataset: SegmentationDataset) -> str:
@@ -109,6 +110,7 @@ class UpdateWorker:
 
         if self._learner is None:
             self._learner = OnlineLearner(self.registry.load(), self.registry, self.holdout,
+                                          device=self.settings.device,
                                           tolerance=self.settings.tolerance, steps=self.settings.steps,
                                           crop_size=tuple(self.settings.crop) if self.settings.crop else None,
                                           finetune=self.settings.finetune,
@@ -138,7 +140,8 @@ class UpdateWorker:
 
     def _model(self, version: int) -> Any:
         if version not in self._models:
-            self._models = {version: self.registry.load(version)}  # keep one: memory, not speed, is scarce
+            # Keep one: memory, not speed, is scarce.
+            self._models = {version: self.registry.load(version, self.learner.device)}
         return self._models[version]
 
     # ------------------------------------------------------------------ one item

@@ -69,6 +69,9 @@ class Strategy(Plugin):
     def old_model(self) -> nn.Module | None:
         return None if self.ctx is None else self.ctx.old_model
 
+    def frozen_models(self) -> list[nn.Module]:
+        return [] if self.old_model is None else [self.old_model]
+
     @torch.no_grad()
     def old_outputs(self, image: torch.Tensor, features: bool = False) -> Any:
         """The previous model's logits (and features) on ``image``, without gradients."""

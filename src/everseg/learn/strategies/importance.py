@@ -87,6 +87,9 @@ class _ParameterImportance(Strategy, ABC):
             self.importance = self._estimate(old, trainer, own_labels=True)
             self.anchor = {n: p.detach().clone() for n, p in old.named_parameters()}
         if self.anchor:
+            # Measured or resumed on another device than this run's (checkpoints load on the CPU).
+            self.anchor = {n: a.to(trainer.device) for n, a in self.anchor.items()}
+            self.importance = {n: w.to(trainer.device) for n, w in self.importance.items()}
             lr = max(g.get("initial_lr", g["lr"]) for g in trainer.optimizer.param_groups)
             if lr > 0 and self.weight > 0:
                 cap = 1.0 / (2.0 * self.weight * lr)
@@ -118,7 +121,7 @@ class _ParameterImportance(Strategy, ABC):
             else:
                 term = (w * (p - a).pow(2)).sum()
             total = term if total is None else total + term
-        return total if total is not None else torch.zeros(())
+        return total if total is not None else torch.zeros((), device=next(model.parameters()).device)
 
     def loss_terms(self, trainer, batch: Batch, output: StepOutput) -> dict[str, torch.Tensor]:
         if not self.anchor:

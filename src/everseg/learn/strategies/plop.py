@@ -103,11 +103,11 @@ class PLOP(Strategy):
         data = trainer.train_set.with_transform(None)
         picks = np.unique(np.linspace(0, len(data) - 1, min(len(data), max(1, self.threshold_images))).round())
         for i in picks.astype(int).tolist():
-            x = data[i]["image"][None].float() / 255.0
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=trainer.use_bf16):
+            x = data[i]["image"][None].to(trainer.device).float() / 255.0
+            with trainer.autocast():
                 logits = self.old_model(x)
             probs = logits.float().softmax(1)
-            ent, pred = normalized_entropy(probs)[0], probs.argmax(1)[0]
+            ent, pred = normalized_entropy(probs)[0].cpu(), probs.argmax(1)[0].cpu()
             for c in pred.unique().tolist():
                 entropies[c].append(ent[pred == c].numpy())
         thr = [float(np.median(np.concatenate(e))) if e else 0.0 for e in entropies]
