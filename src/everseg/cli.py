@@ -173,6 +173,28 @@ def _config(config: Optional[Path], set_: list[str], **options: Any):
     return load_config(config, overrides, labels=labels)
 
 
+def _torchrun(nproc: int) -> int:
+    """``everseg train --nproc N ...`` = ``torchrun --standalone --nproc-per-node N -m everseg train ...``."""
+    import subprocess
+
+    from everseg.learn.distributed import launched_by_torchrun
+
+    if launched_by_torchrun():
+        raise ValueError("--nproc: this process was already started by torchrun; leave --nproc out")
+    args, skip = [], False
+    for a in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            args.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "everseg", *args]
+    console.print(f"running: {' '.join(cmd[1:])}")
+    return subprocess.run(cmd).returncode
+
+
 def _minutes(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 60 else f"{seconds / 60:.1f} min"
 
@@ -191,16 +213,23 @@ def train(
     resume: Annotated[bool, typer.Option(help="Continue the interrupted run in --out")] = False,
     overwrite: OverwriteOpt = False,
     device: DeviceOpt = None,
+    nproc: Annotated[Optional[int], typer.Option(
+        min=1, help="Train data-parallel in N processes on this machine (runs torchrun; one per GPU, "
+                    "or CPU cores shared out)")] = None,
     set_: SetOpt = [],
     progress: ProgressOpt = True,
 ) -> None:
     """Train a model; the best (or last) model is saved in OUT/model."""
     from everseg.learn import train as run_train
 
+    if nproc is not None and nproc > 1:
+        raise typer.Exit(_torchrun(nproc))
     cfg = _config(config, set_, **{"data.path": ("--data", None if data is None else str(data)),
                                    "data.dataset": ("--dataset", dataset), "train.epochs": ("--epochs", epochs),
                                    "train.device": ("--device", device)})
     result = run_train(cfg, out, resume=resume, overwrite=overwrite, progress=progress)
+    if os.environ.get("RANK", "0") != "0":
+        return  # under torchrun process 0 reports for all
     best = (f", best val mIoU {result.best_miou:.2f} (epoch {result.best_epoch + 1})"
             if result.best_miou is not None else "")
     console.print(f"trained {_plural(result.epochs_run, 'epoch')} in {_minutes(result.train_seconds)}{best}; "

@@ -105,6 +105,11 @@ def run_scenario(scenario: Scenario, strategy: str | Sequence[Strategy], cfg: Ru
     """
     from everseg.models import load_model, save_model
 
+    from everseg.learn.distributed import launched_by_torchrun
+
+    if launched_by_torchrun():
+        raise ValueError("learn and scenario run train in one process for now: run them without torchrun "
+                         "(everseg train is the command that runs data-parallel)")
     out = Path(out_dir)
     device = resolve_device(cfg.train.device)  # a missing GPU is refused before the run folder is touched
     base_model = None if base_model is None else Path(base_model).resolve()

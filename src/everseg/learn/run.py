@@ -101,10 +101,14 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, overwrit
     ``protect``: paths the run folder must not contain (the models this run starts from).
     """
     from everseg.devices import resolve_device
+    from everseg.learn import distributed
 
     resolve_device(cfg.train.device)  # a missing GPU is refused before anything is read or cleared
+    world = distributed.init_from_environment(cfg.train.device)
     protect = [*protect, *([cfg.model.init_from] if cfg.model.init_from else [])]
-    clear = claim_run_folder(out_dir, resume=resume, overwrite=overwrite, protect=protect)
+    # Under torchrun process 0 alone judges and clears the folder: the others would see its files appear.
+    clear = (claim_run_folder(out_dir, resume=resume, overwrite=overwrite, protect=protect)
+             if world is None or world.main else False)
     train_set, val_set = build_datasets(cfg)
     # Seeded before the model is built, or the decoder's initial weights differ from run to run
     # and so does the result (the Trainer seeds again for data order and augmentation).
@@ -113,6 +117,11 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, overwrit
         model = build_model(cfg, train_set)
     if clear:
         clear_run_folder(out_dir)
+    distributed.barrier()
     trainer = Trainer(model, train_set, val_set, cfg, out_dir,
                       plugins=[*finetune_plugins(cfg), *plugins], progress=progress)
-    return trainer.fit(resume=resume)
+    try:
+        return trainer.fit(resume=resume)
+    finally:
+        if world is not None:
+            distributed.shutdown()

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 
 from everseg.atomic import atomic_torch_save, atomic_write_json, atomic_write_text
 from everseg.devices import choose_precision, resolve_device
+from everseg.learn import distributed
 from everseg.data.dataset import SegmentationDataset
 from everseg.learn.config import RunConfig
 from everseg.learn.losses import SegmentationLoss, compute_class_weights
@@ -94,14 +95,26 @@ class Trainer:
         self.config = config
         self.out_dir = Path(out_dir)
         self.plugins = list(plugins)
-        self.show_progress = progress
+        tc = config.train
+        # Under torchrun: one process per device, process 0 writes (learn/distributed.py).
+        self.world = distributed.current_world()
+        main = self.world is None or self.world.main
+        self.show_progress = progress and main
         # False for short in-memory updates (the online learner): no run folder, checkpoint,
         # TensorBoard or saved model; the caller keeps the model.
-        self.write_run = write_run
-        tc = config.train
+        self.write_run = write_run and main
         if tc.threads:
             torch.set_num_threads(tc.threads)
         self.device = resolve_device(tc.device)
+        if self.world is not None:
+            if self.device.type == "cuda":
+                self.device = torch.device("cuda", self.world.local_rank)
+            if tc.batch_size % self.world.size:
+                raise ValueError(f"train.batch_size {tc.batch_size} is the global batch: it must split evenly "
+                                 f"over the {self.world.size} processes")
+            if tc.finetune == "gradual":
+                raise ValueError("train.finetune gradual cannot run data-parallel: it changes which weights "
+                                 "train during the run, and DistributedDataParallel fixes them at the start")
         self.precision = choose_precision(self.device, tc.bf16)
         # Evaluation autocasts only to bfloat16; float16 training validates in float32.
         self.use_bf16 = self.precision.dtype == torch.bfloat16
@@ -137,7 +150,15 @@ class Trainer:
 
     def _loader(self, generator: torch.Generator) -> DataLoader:
         dc, tc = self.config.data, self.config.train
-        return DataLoader(self.train_set, batch_size=tc.batch_size, shuffle=True,
+        self._sampler = None
+        if self.world is not None:
+            from torch.utils.data.distributed import DistributedSampler
+
+            # Each process its own share of every epoch, reshuffled by seed and epoch (set_epoch).
+            self._sampler = DistributedSampler(self.train_set, num_replicas=self.world.size, rank=self.world.rank,
+                                               shuffle=True, seed=tc.seed)
+        return DataLoader(self.train_set, batch_size=tc.batch_size // self.processes,
+                          shuffle=self._sampler is None, sampler=self._sampler,
                           drop_last=len(self.train_set) >= tc.batch_size,
                           num_workers=dc.num_workers, persistent_workers=dc.num_workers > 0,
                           worker_init_fn=_worker_init, generator=generator,
@@ -153,6 +174,11 @@ class Trainer:
             image = image.contiguous(memory_format=torch.channels_last)
         return Batch(image=image, mask=raw["mask"].to(self.device, non_blocking=not blocking),
                      stems=list(raw["stem"]))
+
+    @property
+    def processes(self) -> int:
+        """How many processes train together (1 without torchrun)."""
+        return 1 if self.world is None else self.world.size
 
     def autocast(self):
         """The mixed-precision context of this run's forward passes (plugins running models use it too)."""
@@ -209,6 +235,8 @@ class Trainer:
         setup_start = time.perf_counter()
         for plugin in self.plugins:
             plugin.on_fit_start(self)
+        # Wrapped after the plugins set which weights train (a frozen backbone): DDP fixes them now.
+        forward = self._data_parallel() if self.world is not None else self.model
         if not resume:
             # Plugins' set-up passes (e.g. PLOP's pseudo-label thresholds) are part of what the
             # training costs, so they count against the time budget.
@@ -220,13 +248,15 @@ class Trainer:
                       if self.use_bf16 and tc.channels_last and self.device.type == "cpu" else [])
         try:
             while self.epoch < tc.epochs and not self.stop_requested:
-                if self.epoch > 0 and not self._next_step_fits():
+                if self.epoch > 0 and distributed.any_process(not self._next_step_fits(), self.device):
                     progress.message(f"time budget of {tc.max_minutes} min used after {self.epoch} epochs")
                     break
                 self.model.train()
                 for plugin in self.plugins:
                     plugin.on_epoch_start(self)
                 progress.start_epoch(self.epoch)
+                if self._sampler is not None:
+                    self._sampler.set_epoch(self.epoch)
                 epoch_start = self._epoch_start = time.perf_counter()
                 last_step_end = epoch_start
                 loss_sum = torch.zeros((), device=self.device)
@@ -240,9 +270,9 @@ class Trainer:
                         plugin.before_forward(self, batch)
                     with self.autocast():
                         if needs_features:
-                            logits, feats = self.model(batch.image, return_features=True)
+                            logits, feats = forward(batch.image, return_features=True)
                         else:
-                            logits, feats = self.model(batch.image), None
+                            logits, feats = forward(batch.image), None
                         output = StepOutput(logits, feats)
                         terms = {"seg": self.criterion(logits, batch.mask)}
                         for plugin in self.plugins:
@@ -270,17 +300,17 @@ class Trainer:
                         self._step_seconds = took if not self._step_seconds else 0.8 * self._step_seconds + 0.2 * took
                         # A budget is a budget: an epoch longer than what is left is cut, not finished
                         # (its LR has already decayed to zero by time, so the rest would be wasted).
-                        out_of_time = not self._next_step_fits()
+                        out_of_time = distributed.any_process(not self._next_step_fits(), self.device)
                     for plugin in self.plugins:
                         plugin.after_step(self, batch, output)
                     loss_sum += loss.detach().float()
                     for k, v in terms.items():
                         term_sums[k] = term_sums.get(k, torch.zeros((), device=self.device)) + v.detach().float()
                     n_batches += 1
-                    self.images_seen += batch.image.shape[0]
+                    self.images_seen += batch.image.shape[0] * self.processes
                     if (i + 1) % tc.log_every == 0 or i + 1 == len(loader) or out_of_time:
                         mean_loss = float(loss_sum) / n_batches
-                        if not math.isfinite(mean_loss):
+                        if distributed.any_process(not math.isfinite(mean_loss), self.device):
                             raise self._diverged(i + 1, term_sums, n_batches)
                         seconds = time.perf_counter() - epoch_start
                         ips = n_batches * tc.batch_size / max(seconds, 1e-9)
@@ -294,6 +324,9 @@ class Trainer:
                     raise RuntimeError(f"training set of {len(self.train_set)} images gave no batch")
 
                 seconds = time.perf_counter() - epoch_start
+                # Every process saw as many batches (the sampler pads, the budget is decided together).
+                loss_sum = distributed.mean_over_processes(loss_sum)
+                term_sums = {k: distributed.mean_over_processes(v) for k, v in term_sums.items()}
                 record: dict[str, Any] = {"epoch": self.epoch, "loss": float(loss_sum) / n_batches,
                                           "seconds": seconds,
                                           "images_per_second": n_batches * tc.batch_size / seconds,
@@ -341,6 +374,7 @@ class Trainer:
             if not (self.out_dir / MODEL_DIR_NAME / "config.json").is_file():
                 self._save_model()
             atomic_write_json(self.out_dir / "history.json", self.history)
+        distributed.barrier()  # the model is written before any process reports it
         return FitResult(best_miou=self.best_miou, best_epoch=self.best_epoch, epochs_run=self.epoch,
                          stopped_early=self.epoch < tc.epochs, seconds=time.perf_counter() - session_start,
                          train_seconds=self.train_seconds,
@@ -379,12 +413,27 @@ class Trainer:
         """LR of the head (the largest group LR)."""
         return max(g["lr"] for g in self.optimizer.param_groups)
 
+    def _data_parallel(self) -> nn.Module:
+        from torch.nn.parallel import DistributedDataParallel
+
+        if self.device.type == "cuda":
+            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        # Every trainable weight takes part in every step here (frozen ones are left out when
+        # the wrapper is made); learn and scenario run, whose strategies may differ, do not run
+        # data-parallel yet.
+        return DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda"
+                                       else None)
+
     def validate(self):
         from everseg.evaluate import evaluate
 
         ec = self.config.eval
         crop = ec.crop_size or self.config.data.crop_size
-        result = evaluate(self.model, self.val_set, mode=ec.mode,
+        val_set = self.val_set
+        if self.world is not None:  # a share each; evaluate sums the confusion matrices
+            val_set = val_set.subset(list(range(self.world.rank, len(val_set), self.world.size)),
+                                     name=val_set.name)
+        result = evaluate(self.model, val_set, mode=ec.mode,
                           crop_size=crop if ec.mode == "slide" else None, flip=ec.flip,
                           scales=ec.scales, autocast_bf16=self.use_bf16,
                           channels_last=self.config.train.channels_last, progress=False)
