@@ -155,10 +155,10 @@ def _parse_scales(text: str) -> tuple[float, ...]:
     return scales
 
 
-def _config(config: Optional[Path], set_: list[str], **options: Any):
-    """Load a config with ``--set`` overrides and command options (``{"train.epochs": ("--epochs", 3)}``);
-    an invalid value is reported under the option that gave it."""
-    from everseg.learn import load_config, parse_override
+def _overrides(set_: list[str], **options: Any) -> tuple[dict[str, Any], dict[str, str]]:
+    """``--set`` overrides and command options (``{"train.epochs": ("--epochs", 3)}``) as config
+    overrides, with the option that gave each (what an invalid value is reported under)."""
+    from everseg.learn import parse_override
 
     overrides: dict[str, Any] = {}
     labels: dict[str, str] = {}
@@ -170,6 +170,14 @@ def _config(config: Optional[Path], set_: list[str], **options: Any):
             flag, value = given
             if value is not None:
                 overrides[key], labels[key] = value, f"{flag} {value}"
+    return overrides, labels
+
+
+def _config(config: Optional[Path], set_: list[str], **options: Any):
+    """Load a config with ``--set`` overrides and command options; see :func:`_overrides`."""
+    from everseg.learn import load_config
+
+    overrides, labels = _overrides(set_, **options)
     return load_config(config, overrides, labels=labels)
 
 
@@ -357,6 +365,47 @@ def distill(
     _trained(distill_model(teacher, student, cfg, out, temperature=temperature, weight=kd_weight,
                            channel_weight=channel_weight, channel_temperature=channel_temperature,
                            resume=resume, overwrite=overwrite, progress=progress))
+
+
+@app.command()
+def tune(
+    trials: Annotated[int, typer.Option(min=1, help="Finished trials the study ends with (counted over --resume)")],
+    out: Annotated[Path, typer.Option(help="Study folder: study.db, trials/, best.yaml, trials.csv/.md, plots")],
+    config: Annotated[Optional[Path], typer.Option(help="YAML config the trials start from (default: built-in defaults)")] = None,
+    data: Annotated[Optional[Path], typer.Option(help="Dataset root (overrides data.path)")] = None,
+    dataset: DatasetOpt = None,
+    minutes: Annotated[Optional[float], typer.Option(help="Each trial's time budget (train.max_minutes)")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Each trial's epochs (train.epochs)")] = None,
+    space: Annotated[Optional[Path], typer.Option(
+        help="Search space YAML (default: the shipped CamVid space, everseg/learn/tune_space.yaml)")] = None,
+    sampler: Annotated[str, typer.Option(help="tpe | random | grid (grid: every field a list of choices)")] = "tpe",
+    pruner: Annotated[str, typer.Option(help="median | hyperband | none: stop trials that fall behind")] = "median",
+    journal: Annotated[bool, typer.Option(
+        help="Keep the study in a journal file that several workers can share (start the others with --resume)")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue the study in --out (or join it as another worker)")] = False,
+    seed: Annotated[int, typer.Option(min=0, help="Seed of the sampler")] = 0,
+    device: DeviceOpt = None,
+    set_: SetOpt = [],
+    progress: ProgressOpt = False,
+) -> None:
+    """Search hyper-parameters with Optuna; each trial trains a model. Writes best.yaml for everseg train --config."""
+    from everseg.learn.tune import tune as run_tune
+
+    overrides, labels = _overrides(set_, **{"data.path": ("--data", None if data is None else str(data)),
+                                            "data.dataset": ("--dataset", dataset),
+                                            "train.epochs": ("--epochs", epochs),
+                                            "train.device": ("--device", device)})
+    report = run_tune(config, out, trials=trials, overrides=overrides, labels=labels, minutes=minutes, space=space,
+                      sampler=sampler, pruner=pruner, journal=journal, resume=resume, seed=seed, progress=progress)
+    # The Markdown table as written: a rich table would cut the parameters' names to fit 80 columns.
+    typer.echo(report.files["trials.md"].read_text(), nl=False)
+    if report.best_trial is None:
+        console.print("no trial finished")
+    else:
+        console.print(f"best: trial {report.best_trial}, validation mIoU {report.best_value:.2f}; "
+                      f"config: {report.files['best.yaml']} (everseg train --config {report.files['best.yaml']})")
+    console.print(f"trials: {report.files['trials.md']}; plots: "
+                  f"{', '.join(str(p) for k, p in report.files.items() if k.endswith('.png')) or 'none yet'}")
 
 
 @app.command()
