@@ -188,7 +188,8 @@ class OnlineLearner:
         self._lock = threading.Lock()
         self._seen = 0
         self.config = load_config(None, {
-            "train.epochs": steps, "train.device": str(self.device), "train.batch_size": 1, "train.seed": seed, "train.log_every": 10**9,
+            "train.epochs": steps, "train.device": str(self.device), "train.batch_size": 1, "train.seed": seed,
+            "train.log_every": 10**9,
             "optim.lr": lr if lr is not None else (0.01 if finetune == "frozen" else 0.0005), "optim.schedule": "constant", "optim.weight_decay": 0.0, "train.finetune": finetune,
             "data.val_split": None,
             "data.crop_size": list(crop_size) if crop_size else None, "data.scale": [0.9, 1.1]})

@@ -23,9 +23,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from everseg.atomic import atomic_torch_save, atomic_write_json, atomic_write_text
+from everseg.data.dataset import SegmentationDataset
 from everseg.devices import choose_precision, resolve_device
 from everseg.learn import distributed
-from everseg.data.dataset import SegmentationDataset
 from everseg.learn.config import RunConfig
 from everseg.learn.losses import SegmentationLoss, compute_class_weights
 from everseg.learn.optim import build_optimizer, build_scheduler
