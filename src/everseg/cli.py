@@ -77,11 +77,16 @@ class _StderrLines(logging.Handler):
         console.print(escape(prefix + record.getMessage()))
 
 
+def _main_process() -> bool:
+    """False in the processes torchrun started besides process 0: they report only problems."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def _log_to_stderr() -> None:
     logger = logging.getLogger("everseg")
     if not any(isinstance(h, _StderrLines) for h in logger.handlers):
         logger.addHandler(_StderrLines())
-        logger.setLevel(logging.INFO)
+        logger.setLevel(logging.INFO if _main_process() else logging.WARNING)
 
 
 def _typer(help: str) -> typer.Typer:
@@ -236,7 +241,7 @@ def train(
                                    "data.dataset": ("--dataset", dataset), "train.epochs": ("--epochs", epochs),
                                    "train.device": ("--device", device)})
     result = run_train(cfg, out, resume=resume, overwrite=overwrite, progress=progress)
-    if os.environ.get("RANK", "0") != "0":
+    if not _main_process():
         return  # under torchrun process 0 reports for all
     best = (f", best val mIoU {result.best_miou:.2f} (epoch {result.best_epoch + 1})"
             if result.best_miou is not None else "")
@@ -324,7 +329,7 @@ def _recipe(config: Optional[Path], teacher: Path, set_: list[str], data: Option
 
     if config is None:
         config = teacher_recipe(teacher)
-        if config is not None:
+        if config is not None and _main_process():
             console.print(f"recipe: {config}, the config {teacher} was trained with (--config to choose another)")
     return _config(config, set_, **{"data.path": ("--data", None if data is None else str(data)),
                                     "data.dataset": ("--dataset", dataset), "train.epochs": ("--epochs", epochs),
@@ -332,6 +337,8 @@ def _recipe(config: Optional[Path], teacher: Path, set_: list[str], data: Option
 
 
 def _trained(result: Any) -> None:
+    if not _main_process():
+        return
     best = (f", best val mIoU {result.best_miou:.2f} (epoch {result.best_epoch + 1})"
             if result.best_miou is not None else "")
     console.print(f"trained {_plural(result.epochs_run, 'epoch')} in {_minutes(result.train_seconds)}{best}; "
