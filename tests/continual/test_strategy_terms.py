@@ -1,5 +1,6 @@
 """Each strategy's term on tiny tensors, against values computed by hand from the papers' definitions."""
 
+import contextlib
 import math
 
 import numpy as np
@@ -193,7 +194,8 @@ def test_plop_thresholds_come_from_a_bounded_even_sample_of_the_step(tiny_camvid
     plop = PLOP(threshold_images=3)
     step = SimpleNamespace(new_classes=("b",), label_space=SimpleNamespace(names=("background", "a", "b")))
     plop.begin_step(ContinualContext(step=step, step_index=1, old_model=Old(), old_num_classes=3))
-    plop.on_fit_start(SimpleNamespace(train_set=data, use_bf16=False))
+    plop.on_fit_start(SimpleNamespace(train_set=data, use_bf16=False, device=torch.device("cpu"),
+                                      autocast=contextlib.nullcontext))
     assert len(seen) == 3  # images 0, 4 (rounded 3.5) and 7, not all 8
     assert plop.thresholds.tolist() == pytest.approx([1.0, 0.0, 0.0])  # argmax is class 0 everywhere
 

@@ -76,11 +76,14 @@ def test_the_decoder_can_lose_a_larger_share_than_the_backbone(teacher_dir):
     # The decoder's own layers (not the backbone output the ASPP reads) keep about a quarter.
     assert model.decoder.out_channels <= 0.3 * decoder[-1] + 8
     assert sum(kept) < 0.5 * sum(decoder)
-    assert all(0.6 * b <= a <= b for a, b in zip(model.backbone.channels, backbone))
+    # The backbone's inner stages lose about their share (widths rounded to 8); its last output
+    # is read by the ASPP, shares its channels with the decoder and follows the decoder's share.
+    assert sum(model.backbone.channels[:-1]) >= 0.6 * sum(backbone[:-1])
+    assert model.backbone.channels[-1] <= 0.3 * backbone[-1] + 8
     assert 0 < model.config.pruned < 0.75
-    # Only the decoder: the backbone keeps its widths.
+    # Only the decoder: the backbone's inner stages keep their widths.
     model = prune_channels(load_model(teacher_dir), 0, decoder_ratio=0.5)
-    assert list(model.backbone.channels) == backbone
+    assert list(model.backbone.channels)[:-1] == backbone[:-1]
 
 
 def test_a_pruned_model_whose_weights_do_not_fit_is_refused(teacher_dir, tmp_path):

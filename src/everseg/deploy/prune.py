@@ -14,7 +14,8 @@ over the group's layers), ``ratio`` of them per layer, widths rounded to multipl
 (what vector units and oneDNN's blocked layouts handle best). The decoder may lose a
 larger share than the backbone (``decoder_ratio``): in DeepLabV3+ / MobileNetV2 the
 decoder's stride-4 fuse convolutions hold 44 % of the MACs at 360x480 while the backbone's
-ImageNet features are what a short fine-tuning cannot rebuild. On the CamVid teacher of
+ImageNet features are what a short fine-tuning cannot rebuild. Channels the decoder shares
+with the backbone (the backbone's last output, which the ASPP reads) take the decoder's share. On the CamVid teacher of
 benchmarks/README.md, at the same 2.3x fewer MACs, backbone 0.2 + decoder 0.6 kept 21.7
 mIoU on 40 val images straight after pruning (BatchNorm statistics re-estimated), every
 layer 0.4 kept 11.8. The classifier's outputs
@@ -65,8 +66,8 @@ def prune_channels(model: nn.Module, ratio: float, *, decoder_ratio: float | Non
     model.eval()
     param = next(model.parameters())
     example = torch.rand(1, 3, *example_size, dtype=param.dtype, device=param.device)
-    # A group of coupled channels takes the ratio of the layer it starts from: the ASPP's
-    # input, for one, is the backbone's output and follows the backbone's ratio.
+    # A group of coupled channels takes one ratio for all its layers: the backbone's last
+    # output, which the ASPP's depthwise convolutions read, goes with the decoder's share.
     per_part = {model.decoder: decoder_ratio} if decoder_ratio is not None else None
     pruner = tp.pruner.MetaPruner(model, example, importance=tp.importance.GroupMagnitudeImportance(p=2),
                                   pruning_ratio=ratio, pruning_ratio_dict=per_part,
