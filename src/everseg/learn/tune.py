@@ -18,6 +18,7 @@ run folder), ``best.yaml`` (the given config with the best trial's values: ``eve
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import math
@@ -322,8 +323,6 @@ def _write_results(study, out: Path, config, overrides: dict[str, Any], labels: 
     columns = list(rows[0]) if rows else ["trial"]
     csv_path = out / "trials.csv"
     lines: list[str] = []
-    import io
-
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=columns)
     writer.writeheader()
