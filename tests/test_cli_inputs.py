@@ -194,6 +194,14 @@ CASES = [
      ["--out", "the model this run starts from"]),
     ("compress an ONNX file", "compress --model {root}/plain.onnx --prune 0.5 --data {data} --out {root}/c2",
      ["plain.onnx", "not a model folder"]),
+    # tuning
+    ("tune without data", "tune --trials 2 --out {root}/tune1", ["no dataset path", "--data"]),
+    ("tune with a missing space", "tune --trials 2 --out {root}/tune2 --data {data} --space {root}/nospace.yaml",
+     ["--space", "nospace.yaml", "no such file"]),
+    ("tune with an unknown sampler", "tune --trials 2 --out {root}/tune3 --data {data} --sampler bayes",
+     ["--sampler", "bayes", "tpe, random, grid"]),
+    ("resume a study that is not there", "tune --trials 2 --out {root}/tune4 --data {data} --resume",
+     ["--out", "tune4", "no study to resume"]),
     # devices
     ("train on an unknown device", "train --config {cfg} --data {data} --out {root}/dev1 --device gpu",
      ["--device gpu", "unknown device"]),
@@ -239,6 +247,8 @@ def test_bad_input_is_one_clear_line(world, name, argv, words):
         if flag in args and args[0] in ("train", "learn", "scenario", "distill", "compress"):
             out = Path(args[args.index(flag) + 1])
             assert out == world["model"] or not out.exists(), out
+    if args[0] == "tune":  # a refused study makes no folder
+        assert not Path(args[args.index("--out") + 1]).exists()
     if args[0] == "serve":  # a refused start makes no registry
         assert not Path(args[args.index("--registry") + 1]).exists()
 
