@@ -1,8 +1,8 @@
 """Tune the CamVid recipe with `everseg tune` at a reduced budget, then train the headline
 (60 minutes, 2 cores) with the best configuration and score it on the CamVid test set.
 
-    .venv/bin/python benchmarks/tune_camvid.py --trials 12 --minutes 10     # ~2 h study + 1 h headline
-    .venv/bin/python benchmarks/tune_camvid.py --trials 12 --minutes 10 --no-headline   # the study alone
+    .venv/bin/python benchmarks/tune_camvid.py --trials 12 --minutes 8      # ~2 h study + 1 h headline
+    .venv/bin/python benchmarks/tune_camvid.py --trials 12 --minutes 8 --no-headline    # the study alone
 
 The study resumes where it stopped (same command): trials already finished are kept. Trials
 train on CamVid train and are scored on val (the recipe itself trains on train+val without
@@ -56,7 +56,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path, default=SHARED_DATA / "camvid")
     p.add_argument("--trials", type=int, default=12)
-    p.add_argument("--minutes", type=float, default=10.0)
+    p.add_argument("--minutes", type=float, default=8.0)
     p.add_argument("--headline", action=argparse.BooleanOptionalAction, default=True)
     args = p.parse_args()
     study = RUNS / "study"
