@@ -11,7 +11,7 @@ import pytest
 from optuna.trial import TrialState
 
 from everseg.learn import load_config
-from everseg.learn.tune import ReportToOptuna, default_space_path, load_space, tune
+from everseg.learn.tune import ReportToOptuna, _starting_point, default_space_path, load_space, tune
 from test_trainer import make_trainer, tiny_config
 
 TINY = {"data.dataset": "folder", "data.val_split": "test", "data.crop_size": [48, 64],
@@ -68,6 +68,15 @@ def test_a_space_that_makes_bad_configs_is_refused_before_anything_runs(tiny_cam
 
 
 @pytest.mark.slow
+def test_the_starting_config_is_the_first_trial_only_when_the_space_holds_it(space):
+    params = load_space(space)
+    assert _starting_point(load_config(None), params) == {"optim.lr": 0.01, "loss.kind": '"ce"'}
+    assert _starting_point(load_config(None, {"optim.lr": 0.5}), params) is None
+    assert _starting_point(load_config(None, {"loss.kind": "dice"}), params) is None
+    camvid = _starting_point(load_config("configs/camvid.yaml"), load_space())
+    assert camvid is not None and camvid["data.crop_size"] == "[288, 384]" and camvid["train.batch_size"] == "8"
+
+
 def test_pruned_trials_stop_their_training_early(tiny_camvid, tmp_path):
     study = optuna.create_study(direction="maximize", pruner=optuna.pruners.ThresholdPruner(lower=101.0))
     trial = study.ask()
@@ -84,6 +93,8 @@ def test_a_study_writes_the_best_config_the_table_and_plots(tiny_camvid, space, 
     overrides = {**TINY, "data.path": str(tiny_camvid)}
     report = tune(None, out, trials=3, overrides=overrides, space=space, progress=False, pruner="none")
     assert len(report.trials) == 3 and all(t["state"] == "complete" for t in report.trials)
+    # The first trial is the starting config itself (the defaults: lr 0.01, plain CE).
+    assert report.trials[0]["optim.lr"] == pytest.approx(0.01) and report.trials[0]["loss.kind"] == "ce"
     assert report.best_value == pytest.approx(max(t["val_miou"] for t in report.trials), abs=0.01)
     for name in ("best.yaml", "trials.csv", "trials.md", "history.png", "importance.png", "study.db"):
         assert (out / name).is_file(), name

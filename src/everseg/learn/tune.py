@@ -2,7 +2,8 @@
 
 A trial is ``everseg train`` with some config fields set by the sampler (TPE by default,
 random or grid on request) and its own time budget; the score is the trial's best
-validation mIoU. Bad trials stop early: a Trainer plugin reports each validation to Optuna
+validation mIoU. The first trial is the given config itself when the space holds its
+values, so the study measures its starting point. Bad trials stop early: a Trainer plugin reports each validation to Optuna
 and asks the loop to stop when the pruner (median by default, or Hyperband) says the trial
 cannot catch up. The study lives in the output folder: an SQLite database by default, or a
 journal file (``journal=True``) that several workers on one file system can share. After
@@ -62,6 +63,16 @@ class Param:
         if self.integer:
             return trial.suggest_int(self.name, int(self.low), int(self.high), log=self.log)
         return trial.suggest_float(self.name, self.low, self.high, log=self.log)
+
+    def encode(self, value: Any) -> Any | None:
+        """``value`` as this parameter stores it in the study, or None when the space cannot give it."""
+        if self.choices:
+            value = list(value) if isinstance(value, tuple) else value
+            # By value, not text: the config holds warmup_epochs 1.0 where the space says 1.
+            return next((json.dumps(c) for c in self.choices if c == value), None)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not self.low <= value <= self.high:
+            return None
+        return int(value) if self.integer else float(value)
 
     def values(self) -> list[Any]:
         """Values that must all be valid config values: the ends of a range, or every choice."""
@@ -203,6 +214,22 @@ def _fail_orphans(study) -> int:
     return failed
 
 
+def _starting_point(cfg: RunConfig, params: Sequence[Param]) -> dict[str, Any] | None:
+    """The given config's own values of the searched fields, when the space holds them all: the
+    study's first trial, so it measures the recipe it starts from and its best is never worse
+    at the trial budget."""
+    start = {}
+    for p in params:
+        value: Any = cfg
+        for part in p.name.split("."):
+            value = getattr(value, part, None)
+        encoded = p.encode(value)
+        if encoded is None:
+            return None
+        start[p.name] = encoded
+    return start
+
+
 def _with_validation(cfg: RunConfig) -> dict[str, Any]:
     """Overrides that give a recipe without validation (CamVid's trains on train+val) a split
     to score trials on: train on ``train``, validate on ``val``."""
@@ -269,6 +296,10 @@ def tune(config: str | Path | None, out: str | Path, *, trials: int, overrides: 
     study = optuna.create_study(study_name=STUDY_NAME, storage=_storage(out, journal), direction="maximize",
                                 sampler=search_sampler, pruner=_pruner(pruner, base.train.epochs),
                                 load_if_exists=True)
+    if not study.trials and sampler != "grid":
+        start = _starting_point(base, params)
+        if start is not None:
+            study.enqueue_trial(start)
     orphans = _fail_orphans(study)
     if orphans:
         log.info("%d trial(s) left running by a stopped process marked failed", orphans)
