@@ -10,6 +10,7 @@ import numpy as np
 from torch import nn
 
 from everseg.data.dataset import SegmentationDataset
+from everseg.data.fingerprint import Plan
 from everseg.data.transforms import AugmentConfig, train_transform
 from everseg.learn.config import RunConfig
 from everseg.learn.finetune import FrozenBackbone, GradualUnfreeze
@@ -48,6 +49,52 @@ def build_datasets(cfg: RunConfig) -> tuple[SegmentationDataset, SegmentationDat
     elif dc.val_split:
         val = open_dataset(dc.path, dataset=kind, split=dc.val_split, cache=dc.cache)
     return train.with_transform(training_augmentation(cfg)), val
+
+
+# Config fields a dataset's fingerprint may choose when the user leaves them unset.
+FITTED_FIELDS = ("data.crop_size", "data.scale", "train.batch_size", "loss.kind", "loss.class_weights")
+
+
+def _unset(cfg: RunConfig, dotted: str) -> bool:
+    section, name = dotted.split(".")
+    return section not in cfg.model_fields_set or name not in getattr(cfg, section).model_fields_set
+
+
+def fit_to_data(cfg: RunConfig, train_set: SegmentationDataset) -> tuple[RunConfig, Plan | None]:
+    """``cfg`` with the crop, scale, batch and loss fields the user left unset (in the config file
+    and ``--set``) chosen from the training images, as ``everseg.data.fingerprint`` explains;
+    the config unchanged (and no plan) when every one is set or ``data.fit_to_data`` is off."""
+    from everseg.data.fingerprint import fingerprint, plan_defaults
+
+    unset = {f for f in FITTED_FIELDS if _unset(cfg, f)}
+    if not cfg.data.fit_to_data or not unset:
+        return cfg, None
+    fp = fingerprint(train_set)
+    plan = plan_defaults(fp, unset, loss_kind=cfg.loss.kind, crop_size=cfg.data.crop_size)
+    plan.fingerprint = fp
+    sections: dict[str, dict] = {}
+    for dotted, value in plan.values.items():
+        section, name = dotted.split(".")
+        sections.setdefault(section, {})[name] = value
+    fitted = cfg.model_copy(update={s: getattr(cfg, s).model_copy(update=v) for s, v in sections.items()})
+    absent = fp.absent_classes()
+    log.info("fitted to %s (%d of its %d images measured): %s. Set a field to choose it yourself, or "
+             "data.fit_to_data=false for the built-in defaults", train_set.name, fp.measured, fp.images,
+             plan.describe())
+    if absent:
+        log.warning("%s: no pixels of %s in the measured training images", train_set.name, ", ".join(absent))
+    return fitted, plan
+
+
+def _write_plan(path: Path, plan: Plan) -> None:
+    import json
+
+    from everseg.atomic import atomic_write_text
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    chosen = {k: list(v) if isinstance(v, tuple) else v for k, v in plan.values.items()}
+    atomic_write_text(path, json.dumps({"chosen": chosen, "reasons": plan.reasons,
+                                        "fingerprint": plan.fingerprint.to_dict()}, indent=2) + "\n")
 
 
 def _hold_out(data: SegmentationDataset, fraction: float, seed: int
@@ -110,6 +157,9 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, overwrit
     clear = (claim_run_folder(out_dir, resume=resume, overwrite=overwrite, protect=protect)
              if world is None or world.main else False)
     train_set, val_set = build_datasets(cfg)
+    cfg, plan = fit_to_data(cfg, train_set)
+    if plan is not None:
+        train_set = train_set.with_transform(training_augmentation(cfg))
     # Seeded before the model is built, or the decoder's initial weights differ from run to run
     # and so does the result (the Trainer seeds again for data order and augmentation).
     seed_everything(cfg.train.seed)
@@ -117,6 +167,8 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, overwrit
         model = build_model(cfg, train_set)
     if clear:
         clear_run_folder(out_dir)
+    if plan is not None and (world is None or world.main):
+        _write_plan(Path(out_dir) / "fingerprint.json", plan)
     distributed.barrier()
     trainer = Trainer(model, train_set, val_set, cfg, out_dir,
                       plugins=[*finetune_plugins(cfg), *plugins], progress=progress)
