@@ -11,7 +11,7 @@ import pytest
 from optuna.trial import TrialState
 
 from everseg.learn import load_config
-from everseg.learn.tune import ReportToOptuna, _starting_point, default_space_path, load_space, tune
+from everseg.learn.tune import ReportToOptuna, _as_trained, _starting_point, default_space_path, load_space, tune
 from test_trainer import make_trainer, tiny_config
 
 TINY = {"data.dataset": "folder", "data.val_split": "test", "data.crop_size": [48, 64],
@@ -93,8 +93,10 @@ def test_a_study_writes_the_best_config_the_table_and_plots(tiny_camvid, space, 
     overrides = {**TINY, "data.path": str(tiny_camvid)}
     report = tune(None, out, trials=3, overrides=overrides, space=space, progress=False, pruner="none")
     assert len(report.trials) == 3 and all(t["state"] == "complete" for t in report.trials)
-    # The first trial is the starting config itself (the defaults: lr 0.01, plain CE).
-    assert report.trials[0]["optim.lr"] == pytest.approx(0.01) and report.trials[0]["loss.kind"] == "ce"
+    # The first trial is what train would run: the defaults (lr 0.01) with the loss fitted to the data.
+    fitted = _as_trained(load_config(None, overrides))
+    assert fitted.loss.kind == "ce+dice"  # 11 CamVid classes, far from balanced
+    assert report.trials[0]["optim.lr"] == pytest.approx(0.01) and report.trials[0]["loss.kind"] == "ce+dice"
     assert report.best_value == pytest.approx(max(t["val_miou"] for t in report.trials), abs=0.01)
     for name in ("best.yaml", "trials.csv", "trials.md", "history.png", "importance.png", "study.db"):
         assert (out / name).is_file(), name

@@ -230,6 +230,15 @@ def _starting_point(cfg: RunConfig, params: Sequence[Param]) -> dict[str, Any] |
     return start
 
 
+def _as_trained(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with the fields train fits to the data filled in (what a trial without drawn values runs)."""
+    from everseg.learn.run import build_datasets, fit_to_data
+
+    if not cfg.data.fit_to_data:
+        return cfg
+    return fit_to_data(cfg, build_datasets(cfg)[0])[0]
+
+
 def _with_validation(cfg: RunConfig) -> dict[str, Any]:
     """Overrides that give a recipe without validation (CamVid's trains on train+val) a split
     to score trials on: train on ``train``, validate on ``val``."""
@@ -297,7 +306,7 @@ def tune(config: str | Path | None, out: str | Path, *, trials: int, overrides: 
                                 sampler=search_sampler, pruner=_pruner(pruner, base.train.epochs),
                                 load_if_exists=True)
     if not study.trials and sampler != "grid":
-        start = _starting_point(base, params)
+        start = _starting_point(_as_trained(load_config(config, fixed, labels=labels)), params)
         if start is not None:
             study.enqueue_trial(start)
     orphans = _fail_orphans(study)
