@@ -78,6 +78,9 @@ def main() -> None:
               "best": None if best is None else {"trial": best.number, "val_miou": best.value,
                                                  "params": best.params},
               "headline": None}
+    # The study's part is kept before the hour of the headline starts.
+    write_json("tune-camvid", result)
+    update_readme_section("tune-camvid", table(result))
     if args.headline and best is not None:
         headline = RUNS / "headline"
         everseg("train", "--config", str(study / "best.yaml"), "--data", str(args.data), "--out", str(headline),

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from everseg.cli import app
 from everseg.learn.memory import ReplayMemory
-from everseg.learn.strategies import build_strategies, check_combination
+from everseg.learn.strategies import build_strategies
 from everseg.models import load_model
 
 runner = CliRunner()
@@ -93,22 +93,14 @@ def test_a_taught_model_is_evaluated_on_the_data_it_learned_from(trained, tiny_c
     assert m["miou"] == pytest.approx(sum(scored) / len(scored))
 
 
-def test_strategies_that_both_replace_the_loss_are_refused():
-    with pytest.raises(ValueError, match="both change the segmentation loss"):
-        check_combination(build_strategies("mib+weighting"))
-    check_combination(build_strategies("mib+replay"))
-    check_combination(build_strategies("weighting+lwf"))
-
-
 def test_weighting_keeps_the_recipes_dice_term():
     from types import SimpleNamespace
 
     from everseg.data.labelspace import LabelSpace
-    from everseg.learn.losses import SegmentationLoss
+    from everseg.learn.losses import LossShape, SegmentationLoss
     from everseg.learn.plugins import Batch, StepOutput
     from everseg.learn.strategies import SampleWeighting
     from everseg.learn.strategies.base import ContinualContext
-    from everseg.learn.strategies.importance import weighted_image_ce
 
     class Old(torch.nn.Conv2d):
         def forward(self, x, return_features=False):
@@ -116,7 +108,7 @@ def test_weighting_keeps_the_recipes_dice_term():
 
     torch.manual_seed(0)
     old = Old(3, 3, 1).eval()
-    weighting = SampleWeighting(gamma=0.0)  # every image weighs 1: the CE is the plain mean
+    weighting = SampleWeighting(gamma=0.0)  # every image weighs 1: the CE is the mean of the images' means
     weighting.begin_step(ContinualContext(step=None, step_index=1, old_model=old, old_num_classes=3))
     criterion = SegmentationLoss("ce+dice", dice_weight=0.5)
     trainer = SimpleNamespace(criterion=criterion, config=SimpleNamespace(loss=SimpleNamespace(kind="ce+dice")),
@@ -124,27 +116,32 @@ def test_weighting_keeps_the_recipes_dice_term():
     image = torch.rand(2, 3, 8, 8)
     mask = torch.randint(0, 3, (2, 8, 8))
     logits = torch.randn(2, 3, 8, 8)
-    seg = weighting.loss_terms(trainer, Batch(image, mask, ["x", "y"]), StepOutput(logits, None))["seg"]
-    expected = weighted_image_ce(logits, mask, torch.ones(2), None) + 0.5 * criterion.dice(logits, mask)
-    assert float(seg) == pytest.approx(float(expected), rel=1e-5)
+    shape = LossShape()
+    weighting.shape_loss(trainer, Batch(image, mask, ["x", "y"]), StepOutput(logits, None), shape)
+    torch.testing.assert_close(shape.image_weights, torch.ones(2))
+    per_image = torch.stack([torch.nn.functional.cross_entropy(logits[i:i + 1], mask[i:i + 1]) for i in range(2)])
+    expected = per_image.mean() + 0.5 * criterion.dice(logits, mask)
+    assert float(criterion(logits, mask, shape)) == pytest.approx(float(expected), rel=1e-5)
 
 
-def test_mib_says_it_replaces_the_recipes_loss(caplog):
+def test_mib_says_its_loss_is_the_recipes_made_unbiased(caplog):
     from types import SimpleNamespace
 
     from everseg.data.labelspace import LabelSpace
-    from everseg.learn.losses import SegmentationLoss
+    from everseg.learn.losses import LossShape, SegmentationLoss
     from everseg.learn.strategies import MiB
     from everseg.learn.strategies.base import ContinualContext
-    from everseg.learn.strategies.mib import UnbiasedCrossEntropy
 
     mib = MiB()
     step = SimpleNamespace(new_classes=("Pole",), label_space=LabelSpace(names=("background", "Sky", "Pole")))
     mib.begin_step(ContinualContext(step=step, step_index=1, old_model=torch.nn.Identity(), old_num_classes=2))
-    trainer = SimpleNamespace(criterion=SegmentationLoss("ce+dice"),
-                              config=SimpleNamespace(loss=SimpleNamespace(kind="ce+dice")),
+    criterion = SegmentationLoss("ce+dice")
+    trainer = SimpleNamespace(criterion=criterion, config=SimpleNamespace(loss=SimpleNamespace(kind="ce+dice")),
                               train_set=SimpleNamespace(label_space=step.label_space))
     with caplog.at_level(logging.INFO, logger="everseg"):
         mib.on_fit_start(trainer)
-    assert isinstance(trainer.criterion, UnbiasedCrossEntropy)
-    assert "unbiased cross-entropy" in caplog.text and "Dice term" in caplog.text
+    assert trainer.criterion is criterion  # shaped, not replaced
+    assert "ce+dice loss stands for background or an old class" in caplog.text
+    shape = LossShape()
+    mib.shape_loss(trainer, None, None, shape)
+    assert shape.background_covers == 2

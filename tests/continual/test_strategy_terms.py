@@ -10,10 +10,21 @@ from torch import nn
 
 from everseg.learn.strategies import build_strategies
 from everseg.learn.strategies.distillation import output_distillation
-from everseg.learn.strategies.importance import EWC, MAS, per_sample_weights, weighted_image_ce
+from everseg.learn.losses import LossShape, SegmentationLoss
+from everseg.learn.strategies.importance import EWC, MAS, per_sample_weights
 from everseg.learn.strategies.mer import MetaReplay
-from everseg.learn.strategies.mib import UnbiasedCrossEntropy, unbiased_distillation
+from everseg.learn.strategies.mib import unbiased_distillation
 from everseg.learn.strategies.plop import local_pod_loss, normalized_entropy, pod_embedding, pseudo_label
+
+
+def unbiased_ce(old_classes, class_weights=None):
+    """MiB's unbiased cross-entropy: the recipe's CE with label 0 standing for 0..old_classes-1."""
+    loss = SegmentationLoss("ce", class_weights=class_weights)
+    return lambda logits, target: loss(logits, target, LossShape(background_covers=old_classes))
+
+
+def weighted_image_ce(logits, target, image_weights, class_weights):
+    return SegmentationLoss("ce", class_weights=class_weights)(logits, target, LossShape(image_weights=image_weights))
 
 
 def px(*values):
@@ -34,7 +45,7 @@ def test_lwf_is_cross_entropy_to_old_soft_outputs_on_old_classes():
 def test_mib_unbiased_ce_merges_old_classes_into_background():
     logits = px(1.0, 2.0, 0.5)  # background, old class 1, new class 2
     z = math.exp(1) + math.exp(2) + math.exp(0.5)
-    ce = UnbiasedCrossEntropy(old_classes=2)
+    ce = unbiased_ce(2)
     bg = ce(logits, torch.zeros(1, 1, 1, dtype=torch.long)).item()
     assert bg == pytest.approx(-math.log((math.exp(1) + math.exp(2)) / z), rel=1e-6)
     new = ce(logits, torch.full((1, 1, 1), 2, dtype=torch.long)).item()
@@ -47,12 +58,12 @@ def test_mib_unbiased_ce_keeps_the_recipes_class_weights():
     # Two pixels: background (weight 1) and new class 2 (weight 4); the mean is weighted like F.cross_entropy's.
     logits = torch.tensor([[1.0, 2.0, 0.5], [0.0, 0.0, 3.0]]).T.reshape(1, 3, 1, 2)
     target = torch.tensor([[[0, 2]]])
-    ce = UnbiasedCrossEntropy(old_classes=2, class_weights=torch.tensor([1.0, 9.0, 4.0]))
+    ce = unbiased_ce(2, torch.tensor([1.0, 9.0, 4.0]))
     nll_bg = -math.log((math.exp(1) + math.exp(2)) / (math.exp(1) + math.exp(2) + math.exp(0.5)))
     nll_new = -math.log(math.exp(3) / (2 + math.exp(3)))
     assert ce(logits, target).item() == pytest.approx((nll_bg + 4 * nll_new) / 5, rel=1e-6)
     # Without old classes in play it is exactly the weighted cross-entropy.
-    plain = UnbiasedCrossEntropy(old_classes=1, class_weights=torch.tensor([1.0, 9.0, 4.0]))
+    plain = unbiased_ce(1, torch.tensor([1.0, 9.0, 4.0]))
     expected = torch.nn.functional.cross_entropy(logits, target, weight=torch.tensor([1.0, 9.0, 4.0]))
     assert plain(logits, target).item() == pytest.approx(expected.item(), rel=1e-6)
 
@@ -212,14 +223,18 @@ def test_mib_and_plop_leave_label_0_alone_without_a_background_shift(names, new)
     step = SimpleNamespace(new_classes=new, label_space=SimpleNamespace(names=names))
     ctx = ContinualContext(step=step, step_index=1, old_model=nn.Identity(), old_num_classes=2)
     assert not ctx.background_shift
-    plain = nn.CrossEntropyLoss()
-    trainer = SimpleNamespace(criterion=plain, train_set=SimpleNamespace(label_space=SimpleNamespace(ignore_index=255)))
+    trainer = SimpleNamespace(config=SimpleNamespace(loss=SimpleNamespace(kind="ce")), train_set=SimpleNamespace(label_space=SimpleNamespace(ignore_index=255)))
     mib, plop = MiB(), PLOP()
     for s in (mib, plop):
         s.begin_step(ctx)
         s.on_fit_start(trainer)
-    assert trainer.criterion is plain and plop.thresholds is None
+    shape = LossShape()
+    mib.shape_loss(trainer, None, None, shape)
+    assert shape.plain and plop.thresholds is None
     shifted = ContinualContext(step=SimpleNamespace(new_classes=("Pole",),
                                                     label_space=SimpleNamespace(names=("background", "Road", "Pole"))),
                                step_index=1, old_model=nn.Identity(), old_num_classes=2)
     assert shifted.background_shift
+    mib.begin_step(shifted)
+    mib.shape_loss(trainer, None, None, shape)
+    assert shape.background_covers == 2

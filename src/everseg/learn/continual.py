@@ -23,7 +23,7 @@ from everseg.learn.config import RunConfig
 from everseg.learn.memory import ReplayMemory
 from everseg.learn.rundir import claim_run_folder, clear_run_folder
 from everseg.learn.run import finetune_plugins, training_augmentation
-from everseg.learn.strategies import Strategy, build_strategies, check_combination
+from everseg.learn.strategies import Strategy, build_strategies
 from everseg.learn.strategies.base import ContinualContext
 from everseg.learn.trainer import Trainer
 
@@ -117,7 +117,6 @@ def run_scenario(scenario: Scenario, strategy: str | Sequence[Strategy], cfg: Ru
     if name is None:
         name = strategy if isinstance(strategy, str) else "+".join(s.name for s in strategy)
     strategies = build_strategies(strategy, params) if isinstance(strategy, str) else list(strategy)
-    check_combination(strategies, cfg)
     joint = name == "joint"
     fill_from_step0 = False
     if memory is None and any(s.uses_memory for s in strategies):

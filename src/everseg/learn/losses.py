@@ -1,7 +1,14 @@
-"""Segmentation losses: cross-entropy (ignore index, class weights), soft Dice, both."""
+"""Segmentation losses: cross-entropy (ignore index, class weights), soft Dice, both.
+
+The recipe's loss is built once (:class:`SegmentationLoss`); incremental-learning strategies
+shape it for each batch through one object, :class:`LossShape`, rather than replacing it, so
+that two strategies that both change it are both applied and the recipe's Dice term, class
+weights and label smoothing survive every combination.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -24,11 +31,13 @@ class DiceLoss(nn.Module):
         self.ignore_index = ignore_index
         self.smooth = smooth
 
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def forward(self, logits: torch.Tensor, target: torch.Tensor, background_covers: int = 1) -> torch.Tensor:
         n_cls = logits.shape[1]
         valid = target != self.ignore_index
         labels = torch.where(valid, target, 0)
         probs = logits.float().softmax(1)
+        if background_covers > 1:  # label 0 = background or an old class: its Dice uses their summed probability
+            probs = torch.cat([probs[:, :background_covers].sum(1, keepdim=True), probs[:, 1:]], dim=1)
         weight = valid.to(probs.dtype)
         # No one-hot tensor: at batch 8 x 11 classes x 288x384 building it (int64) and
         # multiplying through it cost 300 ms a step, a fifth of a training step on 2 cores;
@@ -43,8 +52,44 @@ class DiceLoss(nn.Module):
         return 1.0 - dice[present].mean() if present.any() else logits.sum() * 0.0
 
 
+@dataclass
+class LossShape:
+    """How plugins shape the recipe's segmentation loss for one batch (``Plugin.shape_loss``).
+
+    Every field composes, so a combination of strategies means all of them:
+
+    - ``image_weights`` (N): each image's cross-entropy is its own class-weighted mean,
+      multiplied by its weight, and the batch's loss is the mean over images; two strategies
+      that weight images multiply their weights. The Dice term, a batch-level overlap, is not
+      weighted.
+    - ``background_covers`` (k): label 0 stands for "background or one of classes 1..k-1"
+      (MiB's unbiased loss, for a step whose background hides the old classes): its
+      cross-entropy uses the summed probability of those classes, and so does its Dice.
+      Set once per batch; two different values are refused.
+    """
+
+    image_weights: torch.Tensor | None = None
+    background_covers: int = 1
+
+    def weight_images(self, weights: torch.Tensor) -> None:
+        self.image_weights = weights if self.image_weights is None else self.image_weights * weights
+
+    def merge_background(self, classes: int, who: str) -> None:
+        if self.background_covers not in (1, classes):
+            raise ValueError(f"{who}: label 0 already stands for classes 0..{self.background_covers - 1}; "
+                             f"it cannot also stand for 0..{classes - 1}")
+        self.background_covers = classes
+
+    @property
+    def plain(self) -> bool:
+        return self.image_weights is None and self.background_covers <= 1
+
+
 class SegmentationLoss(nn.Module):
-    """``kind`` = "ce", "dice" or "ce+dice"; CE ignores ``ignore_index`` and can weight classes."""
+    """``kind`` = "ce", "dice" or "ce+dice"; CE ignores ``ignore_index`` and can weight classes.
+
+    ``class_weights`` may be replaced between steps (replay recomputes them over its memory).
+    """
 
     def __init__(self, kind: str = "ce", *, class_weights: torch.Tensor | None = None,
                  ignore_index: int = IGNORE_INDEX, dice_weight: float = 1.0,
@@ -59,15 +104,40 @@ class SegmentationLoss(nn.Module):
         self.register_buffer("class_weights", class_weights, persistent=False)
         self.dice = DiceLoss(ignore_index)
 
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def forward(self, logits: torch.Tensor, target: torch.Tensor, shape: LossShape | None = None) -> torch.Tensor:
+        shape = shape if shape is not None and not shape.plain else None
         loss = logits.new_zeros((), dtype=torch.float32)
         if self.kind in ("ce", "ce+dice"):
-            loss = loss + F.cross_entropy(logits.float(), target, weight=self.class_weights,
-                                          ignore_index=self.ignore_index,
-                                          label_smoothing=self.label_smoothing)
+            loss = loss + (self._shaped_ce(logits, target, shape) if shape is not None else
+                           F.cross_entropy(logits.float(), target, weight=self.class_weights,
+                                           ignore_index=self.ignore_index, label_smoothing=self.label_smoothing))
         if self.kind in ("dice", "ce+dice"):
-            loss = loss + self.dice_weight * self.dice(logits, target)
+            covers = shape.background_covers if shape is not None else 1
+            loss = loss + self.dice_weight * self.dice(logits, target, background_covers=covers)
         return loss
+
+    def _shaped_ce(self, logits: torch.Tensor, target: torch.Tensor, shape: LossShape) -> torch.Tensor:
+        """``F.cross_entropy`` (same class weighting and label smoothing) under ``shape``."""
+        log_p = logits.float().log_softmax(1)
+        k = shape.background_covers
+        if k > 1:
+            log_p = torch.cat([torch.logsumexp(log_p[:, :k], dim=1, keepdim=True), log_p[:, 1:]], dim=1)
+        valid = target != self.ignore_index
+        safe = torch.where(valid, target, 0)
+        nll = -log_p.gather(1, safe.unsqueeze(1)).squeeze(1)
+        weight = valid.float()
+        if self.class_weights is not None:
+            cw = self.class_weights.to(logits.device)
+            weight = weight * cw[safe]
+        per_pixel = weight * nll
+        if self.label_smoothing:
+            eps = self.label_smoothing
+            spread = -(log_p if self.class_weights is None else log_p * cw.view(1, -1, 1, 1)).mean(1)
+            per_pixel = (1 - eps) * per_pixel + eps * valid.float() * spread
+        if shape.image_weights is None:
+            return per_pixel.sum() / weight.sum().clamp_min(1e-12)
+        per_image = per_pixel.flatten(1).sum(1) / weight.flatten(1).sum(1).clamp_min(1e-12)
+        return (shape.image_weights.to(per_image) * per_image).mean()
 
 
 def class_frequencies(per_image_counts: np.ndarray) -> np.ndarray:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
+    from everseg.learn.losses import LossShape
     from everseg.learn.trainer import Trainer
 
 
@@ -52,11 +53,14 @@ class Plugin:
     def before_forward(self, trainer: "Trainer", batch: Batch) -> None:
         """May edit ``batch`` in place (add replayed samples, relabel, ...)."""
 
-    def loss_terms(self, trainer: "Trainer", batch: Batch, output: StepOutput) -> dict[str, torch.Tensor]:
-        """Extra loss terms, added to the segmentation loss and logged under their names.
+    def shape_loss(self, trainer: "Trainer", batch: Batch, output: StepOutput, shape: "LossShape") -> None:
+        """Change how the recipe's segmentation loss treats this batch, through ``shape``
+        (:class:`~everseg.learn.losses.LossShape`: image weights, what label 0 stands for).
+        The one way to change that loss: every plugin's changes compose."""
 
-        Returning a ``"seg"`` entry replaces the loop's own segmentation term.
-        """
+    def loss_terms(self, trainer: "Trainer", batch: Batch, output: StepOutput) -> dict[str, torch.Tensor]:
+        """Extra loss terms, added to the segmentation loss (``"seg"``, which they may not replace)
+        and logged under their names."""
         return {}
 
     def after_backward(self, trainer: "Trainer") -> None:

@@ -27,7 +27,7 @@ from everseg.data.dataset import SegmentationDataset
 from everseg.devices import choose_precision, resolve_device
 from everseg.learn import distributed
 from everseg.learn.config import RunConfig
-from everseg.learn.losses import SegmentationLoss, compute_class_weights
+from everseg.learn.losses import LossShape, SegmentationLoss, compute_class_weights
 from everseg.learn.optim import build_optimizer, build_scheduler
 from everseg.learn.plugins import Batch, Plugin, StepOutput
 from everseg.learn.progress import TrainProgress
@@ -147,6 +147,27 @@ class Trainer:
                                             lc.class_weights, lc.max_class_weight)
         return SegmentationLoss(lc.kind, class_weights=weights, ignore_index=ls.ignore_index,
                                 dice_weight=lc.dice_weight, label_smoothing=lc.label_smoothing)
+
+    def loss_terms(self, batch: Batch, output: StepOutput) -> dict[str, torch.Tensor]:
+        """The step's loss terms: the recipe's segmentation loss as the plugins shape it (``"seg"``),
+        then each plugin's own terms."""
+        shape = LossShape()
+        for plugin in self.plugins:
+            plugin.shape_loss(self, batch, output, shape)
+        if shape.plain:
+            terms = {"seg": self.criterion(output.logits, batch.mask)}
+        elif isinstance(self.criterion, SegmentationLoss):
+            terms = {"seg": self.criterion(output.logits, batch.mask, shape)}
+        else:
+            raise ValueError(f"a strategy shapes the segmentation loss, which this Trainer's own criterion "
+                             f"({type(self.criterion).__name__}) does not support")
+        for plugin in self.plugins:
+            extra = plugin.loss_terms(self, batch, output)
+            if "seg" in extra:
+                raise ValueError(f"{type(plugin).__name__}.loss_terms returned 'seg': the segmentation loss is "
+                                 f"changed through shape_loss, so that strategies compose")
+            terms.update(extra)
+        return terms
 
     def _loader(self, generator: torch.Generator) -> DataLoader:
         dc, tc = self.config.data, self.config.train
@@ -274,9 +295,7 @@ class Trainer:
                         else:
                             logits, feats = forward(batch.image), None
                         output = StepOutput(logits, feats)
-                        terms = {"seg": self.criterion(logits, batch.mask)}
-                        for plugin in self.plugins:
-                            terms.update(plugin.loss_terms(self, batch, output))
+                        terms = self.loss_terms(batch, output)
                         loss = sum(terms.values())
                     self.scaler.scale(loss / tc.grad_accum).backward()
                     if (i + 1) % tc.grad_accum == 0:

@@ -1,5 +1,9 @@
 """Incremental-learning strategies, by name. Compose them with "+": ``plop+replay``.
 
+Every combination means all of its parts: strategies add loss terms and shape the recipe's
+segmentation loss through :class:`~everseg.learn.losses.LossShape`, never replace it
+(tests/continual/test_strategy_pairs.py runs every pair).
+
 ``finetune`` (no strategy: the lower bound) and ``joint`` (retrain on all data so far:
 the upper bound) are handled by the continual runner itself.
 """
@@ -62,20 +66,6 @@ def build_strategies(spec: str, params: Mapping[str, Any] | None = None) -> list
     return [STRATEGIES[n](**kwargs[n]) for n in names]
 
 
-def check_combination(strategies: Sequence[Strategy], config: Any = None) -> None:
-    """Refuse a combination in which one part would silently undo another.
-
-    Today that is two strategies that both change the segmentation loss (``mib+weighting``:
-    weighting's per-image cross-entropy would replace MiB's unbiased one).
-    """
-    changing = [s for s in strategies if s.changes_seg_loss]
-    if len(changing) > 1:
-        a, b = changing[:2]
-        raise ValueError(f"strategy {a.name}+{b.name} cannot be combined: both change the segmentation loss "
-                         f"({a.name} {a.changes_seg_loss}; {b.name} {b.changes_seg_loss}), so one would "
-                         "silently replace the other; use one of them")
-
-
 def default_strategy(adds_classes: bool) -> str:
     """The strategy to use when none is named: the best measured on CamVid (benchmarks/README.md).
 
@@ -111,5 +101,5 @@ def _convert(key: str, value: Any, default: Any) -> Any:
 
 
 __all__ = ["BASELINES", "EWC", "ILT", "MAS", "MiB", "ContinualContext", "LwF", "MetaReplay", "PLOP", "Replay",
-           "STRATEGIES", "SampleWeighting", "Strategy", "build_strategies", "check_combination", "default_strategy",
+           "STRATEGIES", "SampleWeighting", "Strategy", "build_strategies", "default_strategy",
            "strategy_parameters"]

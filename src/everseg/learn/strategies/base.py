@@ -52,9 +52,6 @@ class Strategy(Plugin):
     name = "strategy"
     head_init = "random"  # how new classifier rows start: "random" or "background" (MiB)
     uses_memory = False  # the runner creates a ReplayMemory when any strategy sets this
-    # What the strategy does to the recipe's segmentation loss, said in the log; None = nothing.
-    # Two strategies that both change it cannot be combined (one would override the other).
-    changes_seg_loss: str | None = None
 
     def __init__(self) -> None:
         self.ctx: ContinualContext | None = None

@@ -195,16 +195,15 @@ class SampleWeighting(Strategy):
     (its own cross-entropy on the image's labels of classes it knows), raised to
     ``gamma`` and normalised to mean 1: images that bring something new count more,
     images the model already handles count less - importance weighting in the sense of
-    Shimodaira (2000), with the old model's loss as the importance. It replaces the
-    cross-entropy of the loop's "seg" term and keeps the recipe's Dice term, if any;
-    at step 0 (no old model) it does nothing.
+    Shimodaira (2000), with the old model's loss as the importance. The weights shape the
+    recipe's loss (:class:`~everseg.learn.losses.LossShape`): its class weights and Dice term
+    stay, and other strategies' changes apply too. At step 0 (no old model) it does nothing.
 
     Args:
         gamma: sharpness of the weighting (0 = every image weighs the same).
     """
 
     name = "weighting"
-    changes_seg_loss = "weights each image's cross-entropy by the previous model's loss on it"
 
     def __init__(self, gamma: float = 1.0):
         super().__init__()
@@ -212,12 +211,11 @@ class SampleWeighting(Strategy):
 
     def on_fit_start(self, trainer) -> None:
         if self.old_model is not None:
-            kept = "; the recipe's Dice term is kept" if "dice" in trainer.config.loss.kind else ""
-            log.info("weighting: each image's cross-entropy is weighted by the previous model's loss on it%s", kept)
+            log.info("weighting: each image's cross-entropy is weighted by the previous model's loss on it")
 
-    def loss_terms(self, trainer, batch: Batch, output: StepOutput) -> dict[str, torch.Tensor]:
+    def shape_loss(self, trainer, batch: Batch, output: StepOutput, shape) -> None:
         if self.old_model is None:
-            return {}
+            return
         ignore = trainer.train_set.label_space.ignore_index
         target = batch.mask
         valid = (target != ignore).flatten(1).sum(1).clamp_min(1)  # the old model's loss: unweighted
@@ -225,29 +223,4 @@ class SampleWeighting(Strategy):
             old_logits = self.old_outputs(batch.image)
             known = torch.where(target < old_logits.shape[1], target, torch.full_like(target, ignore))
             old_loss = F.cross_entropy(old_logits.float(), known, ignore_index=ignore, reduction="none")
-            weights = per_sample_weights(old_loss.flatten(1).sum(1) / valid, self.gamma)
-        crit = trainer.criterion
-        seg = weighted_image_ce(output.logits, target, weights, getattr(crit, "class_weights", None), ignore,
-                                label_smoothing=getattr(crit, "label_smoothing", 0.0))
-        if getattr(crit, "kind", "ce") in ("dice", "ce+dice"):
-            seg = seg + crit.dice_weight * crit.dice(output.logits, target)
-        return {"seg": seg}
-
-
-def weighted_image_ce(logits: torch.Tensor, target: torch.Tensor, image_weights: torch.Tensor,
-                      class_weights: torch.Tensor | None, ignore_index: int = 255,
-                      label_smoothing: float = 0.0) -> torch.Tensor:
-    """Mean over images of ``image_weights[i]`` x image ``i``'s class-weighted mean cross-entropy.
-
-    The class weights are the run's own (e.g. median-frequency balancing): replacing the
-    loop's loss must not silently drop them, or rare new classes are never learned.
-    """
-    pixel = F.cross_entropy(logits.float(), target, weight=class_weights, ignore_index=ignore_index,
-                            reduction="none", label_smoothing=label_smoothing).flatten(1)
-    valid = target != ignore_index
-    if class_weights is None:
-        norm = valid.flatten(1).sum(1).float()
-    else:
-        safe = torch.where(valid, target, torch.zeros_like(target))
-        norm = (class_weights.to(pixel.device)[safe] * valid).flatten(1).sum(1)
-    return (image_weights * pixel.sum(1) / norm.clamp_min(1e-12)).mean()
+            shape.weight_images(per_sample_weights(old_loss.flatten(1).sum(1) / valid, self.gamma))

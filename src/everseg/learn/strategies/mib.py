@@ -2,7 +2,9 @@
 
 In step t the background label covers old classes too (the background shift). MiB
 therefore (1) scores a background pixel by the probability of "background or any old
-class" (unbiased cross-entropy), (2) distils the old model into "background or any new
+class" (unbiased cross-entropy; here the recipe's own loss shaped by
+:class:`~everseg.learn.losses.LossShape`, so its Dice term, class weights and label
+smoothing are kept and made unbiased too), (2) distils the old model into "background or any new
 class" for its background (unbiased distillation), and (3) starts new classifier rows
 as copies of the background row (``Segmenter.grow_classifier(init="background")``).
 """
@@ -12,42 +14,11 @@ from __future__ import annotations
 import logging
 
 import torch
-from torch import nn
 
 from everseg.learn.plugins import Batch, StepOutput
 from everseg.learn.strategies.base import Strategy
 
 log = logging.getLogger(__name__)
-
-
-class UnbiasedCrossEntropy(nn.Module):
-    """CE where label 0 means "background or an old class": ``-log sum_{c in {0} + old} p_c``.
-
-    Pixels of new classes use their own probability as usual; ``old_classes`` counts the
-    classes (background included) the previous model knew. ``class_weights`` weight each
-    pixel by its label and average like ``F.cross_entropy`` does (sum of weighted losses /
-    sum of weights): the step's recipe weights rare new classes up, and MiB must not undo it.
-    """
-
-    def __init__(self, old_classes: int, ignore_index: int = 255, class_weights: torch.Tensor | None = None):
-        super().__init__()
-        self.old_classes = old_classes
-        self.ignore_index = ignore_index
-        self.register_buffer("class_weights", class_weights, persistent=False)
-
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        logits = logits.float()
-        denom = torch.logsumexp(logits, dim=1)
-        log_p = logits - denom.unsqueeze(1)
-        log_bg = torch.logsumexp(logits[:, : self.old_classes], dim=1) - denom  # background + old
-        valid = target != self.ignore_index
-        safe = torch.where(valid, target, 0)
-        picked = log_p.gather(1, safe.unsqueeze(1)).squeeze(1)
-        per_pixel = torch.where(safe == 0, log_bg, picked)
-        weight = valid.float()
-        if self.class_weights is not None:
-            weight = weight * self.class_weights.to(logits.device)[safe]
-        return -(per_pixel * weight).sum() / weight.sum().clamp_min(1e-12)
 
 
 def unbiased_distillation(new_logits: torch.Tensor, old_logits: torch.Tensor) -> torch.Tensor:
@@ -73,25 +44,24 @@ class MiB(Strategy):
 
     name = "mib"
     head_init = "background"
-    changes_seg_loss = "replaces the cross-entropy with MiB's unbiased cross-entropy"
 
     def __init__(self, distill_weight: float = 10.0):
         super().__init__()
         self.distill_weight = distill_weight
 
-    def on_fit_start(self, trainer) -> None:
+    def _unbiased(self) -> bool:
         # Without a background shift label 0 is a class like any other (a domain step's Sky):
         # merging the old classes into it would make its pixels cost nothing.
-        if self.old_model is not None and self.ctx.background_shift:
-            kind = trainer.config.loss.kind
-            # Dice on this step's label 0, which hides the old classes, would teach them away: MiB's
-            # loss is its unbiased cross-entropy alone, as published.
-            dropped = f"; the recipe's {kind} loss is not used (its Dice term included)" if "dice" in kind else ""
-            log.info("mib: the segmentation loss is MiB's unbiased cross-entropy (background = background "
-                     "or an old class)%s", dropped)
-            trainer.criterion = UnbiasedCrossEntropy(self.ctx.old_num_classes,
-                                                     trainer.train_set.label_space.ignore_index,
-                                                     getattr(trainer.criterion, "class_weights", None))
+        return self.old_model is not None and self.ctx.background_shift
+
+    def on_fit_start(self, trainer) -> None:
+        if self._unbiased():
+            log.info("mib: label 0 of the %s loss stands for background or an old class (unbiased)",
+                     trainer.config.loss.kind)
+
+    def shape_loss(self, trainer, batch: Batch, output: StepOutput, shape) -> None:
+        if self._unbiased():
+            shape.merge_background(self.ctx.old_num_classes, self.name)
 
     def loss_terms(self, trainer, batch: Batch, output: StepOutput) -> dict[str, torch.Tensor]:
         if self.old_model is None:
@@ -100,4 +70,4 @@ class MiB(Strategy):
         return {"mib_distill": self.distill_weight * unbiased_distillation(output.logits, old)}
 
 
-__all__ = ["MiB", "UnbiasedCrossEntropy", "unbiased_distillation"]
+__all__ = ["MiB", "unbiased_distillation"]
