@@ -152,7 +152,6 @@ CASES = [
     ("repeated class", "learn --model {model} --data {data} --out {root}/l3 --new-classes Car,Car", ["--new-classes", "more than once"]),
     ("new class the model has", "learn --model {model} --data {data} --out {root}/l4 --new-classes Sky", ["background"]),
     ("unknown strategy", "learn --model {model} --data {data} --out {root}/l5 --strategy foo", ["foo"]),
-    ("mib+weighting", "learn --model {model} --data {data} --out {root}/l6 --strategy mib+weighting", ["mib+weighting", "cannot be combined"]),
     ("bad strategy param", "learn --model {model} --data {data} --out {root}/l7 --strategy lwf --param lwf.alpha=3", ["lwf.alpha"]),
     ("param without value", "learn --model {model} --data {data} --out {root}/l8 --param lwf", ["--param", "lwf"]),
     ("negative minutes", "learn --model {model} --data {data} --out {root}/l9 --minutes -1", ["--minutes"]),

@@ -167,7 +167,9 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, overwrit
         model = build_model(cfg, train_set)
     if clear:
         clear_run_folder(out_dir)
-    if plan is not None and (world is None or world.main):
+    # A resumed run keeps the record it began with (the same fit: the data has not changed, or the
+    # Trainer refuses the resume since the config differs, and a refused command writes nothing).
+    if plan is not None and not resume and (world is None or world.main):
         _write_plan(Path(out_dir) / "fingerprint.json", plan)
     distributed.barrier()
     trainer = Trainer(model, train_set, val_set, cfg, out_dir,
