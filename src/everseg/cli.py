@@ -133,8 +133,8 @@ CropOpt = Annotated[Optional[str], typer.Option(help="Sliding-window tile HxW, e
 ModeOpt = Annotated[str, typer.Option(help="whole | slide")]
 ParamOpt = Annotated[list[str], typer.Option(
     "--param", help="Strategy hyper-parameter STRATEGY.NAME=VALUE, e.g. lwf.weight=5 (repeatable)")]
-STRATEGY_HELP = ("finetune, ewc, mas, weighting, replay, lwf, ilt, mib, plop, mer or a '+' combination such as "
-                 "plop+replay")
+STRATEGY_HELP = ("finetune, ewc, mas, weighting, replay, lwf, ilt, mib, plop, mer, ewf or a '+' combination such "
+                 "as plop+replay or mib+ewf")
 
 
 def _parse_size(text: str | None, option: str = "--crop") -> tuple[int, int] | None:
@@ -538,7 +538,9 @@ def learn(
     base_split: Annotated[str, typer.Option(help="Split of --base-data")] = "train",
     config: Annotated[Optional[Path], typer.Option(help="YAML config (augmentation, optimiser)")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Epochs over the new images")] = None,
-    minutes: Annotated[Optional[float], typer.Option(help="Wall-time budget of the step, in minutes")] = None,
+    minutes: Annotated[Optional[float], typer.Option(
+        help="Wall-time budget of the step, in minutes (default, without --epochs: a tenth of the time the "
+             "model took to learn, at least 1)")] = None,
     memory_size: MemoryOpt = 20,
     param: ParamOpt = [],
     device: DeviceOpt = None,
@@ -554,7 +556,8 @@ def learn(
         raise ValueError(f"--minutes {minutes}: must be a positive number")
     source = DataSource(str(base_data), base_dataset, base_split) if base_data is not None else None
     report = teach(model, data, out, new_classes=names, strategy=strategy, dataset=dataset, split=split,
-                   test_split=test_split, config=_continual_config(config, set_, epochs, device), minutes=minutes,
+                   test_split=test_split, config=_continual_config(config, set_, epochs, device), epochs=epochs,
+                   minutes=minutes,
                    memory_size=memory_size, params=_strategy_params(param), base_data=source,
                    overwrite=overwrite, progress=progress)
     report.print_table(Console(soft_wrap=True, emoji=False))
@@ -576,7 +579,8 @@ def scenario_run(
     step_epochs: Annotated[Optional[int], typer.Option(
         min=1, help="Epochs of each later step (default: as step 0; joint always retrains like step 0)")] = None,
     step_minutes: Annotated[Optional[float], typer.Option(
-        help="Wall-time budget of each later step (default: train.max_minutes)")] = None,
+        help="Wall-time budget of each later step (default, without --step-epochs: a tenth of step 0's "
+             "time, at least 1 minute)")] = None,
     base_model: Annotated[Optional[Path], typer.Option(help="A model that already learned step 0")] = None,
     memory_size: MemoryOpt = 20,
     param: ParamOpt = [],

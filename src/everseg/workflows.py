@@ -348,10 +348,13 @@ def starting_memory(model_dir: Path, model: torch.nn.Module, *, budget: int, see
 
 def teach(model: str | Path, data: str | Path, out: str | Path, *, new_classes: Sequence[str] | None = None,
           strategy: str | None = None, dataset: str | None = None, split: str = "train", test_split: str = "test",
-          config: Any = None, minutes: float | None = None, memory_size: int = 20,
+          config: Any = None, epochs: int | None = None, minutes: float | None = None, memory_size: int = 20,
           params: Mapping[str, Any] | None = None, base_data: DataSource | None = None,
           overwrite: bool = False, progress: bool = True) -> Any:
     """Teach an existing model new classes (``new_classes``) or new data of its classes.
+
+    ``epochs`` and ``minutes`` budget the step; with neither, it gets a tenth of the time the
+    model took to learn (:func:`~everseg.learn.continual.default_step_minutes`).
 
     ``config``: a RunConfig for augmentation and optimiser (its model section is the
     model's own). The new model is ``out/model``; it records its parent. Returns the
@@ -384,7 +387,8 @@ def teach(model: str | Path, data: str | Path, out: str | Path, *, new_classes: 
     if any(s.uses_memory for s in strategies):
         memory = starting_memory(model_dir, base, budget=memory_size, seed=cfg.train.seed, base_data=base_data)
     return run_scenario(scenario, strategies, cfg, out, base_model=model_dir, memory=memory,
-                        step_minutes=minutes, progress=progress, overwrite=overwrite, name=strategy)
+                        step_epochs=epochs, step_minutes=minutes, progress=progress, overwrite=overwrite,
+                        name=strategy)
 
 
 def run_named_scenario(data: str | Path, out: str | Path, *, protocol: str | None = None,

@@ -338,3 +338,33 @@ def test_a_steps_wrap_up_is_reserved_from_the_next_steps_budget(tiny_camvid, tmp
     # Without the reserve a third step would fit the training budget and the step would take 4.5 s.
     assert [r.images_seen for r in report.steps[1:]] == [2, 2]
     assert [r.seconds for r in report.steps[1:]] == [pytest.approx(3.5)] * 2
+
+
+@pytest.mark.slow
+def test_later_steps_default_to_a_tenth_of_the_time_the_base_took(tiny_scenario, tmp_path, fake_clock):
+    from everseg.learn.continual import default_step_minutes
+    from everseg.learn.strategies.base import Strategy
+
+    class Clocked(Strategy):
+        name = "clocked"
+
+        def before_forward(self, trainer, batch):
+            fake_clock.advance(60.0)  # each training step takes one (fake) minute
+
+    # Step 0: 8 epochs x 2 steps = 16 minutes. Step 1, with no budget given: 1.6 minutes, so
+    # one step of a minute fits and a second (2 minutes in all) does not.
+    report = run_scenario(tiny_scenario, [Clocked()], tiny_cfg(**{"train.epochs": 8}), tmp_path / "run",
+                          progress=False)
+    assert report.steps[0].seconds == pytest.approx(16 * 60)
+    assert report.steps[1].images_seen == 4 and report.steps[1].seconds == pytest.approx(60)
+    saved = load_config(tmp_path / "run" / "step1" / "config.yaml")
+    assert saved.train.max_minutes == pytest.approx(1.6)
+    # The step's model keeps the base's time, so a later `learn` budgets from it, not from the step's.
+    meta = load_model(tmp_path / "run" / "step1" / "model").metadata
+    assert meta["train_seconds"] == pytest.approx(16 * 60) and meta["step_seconds"] == pytest.approx(60)
+    assert default_step_minutes(5.0) == 1.0  # at least a minute
+    # Chosen budgets win: epochs alone are epochs, not a tenth of the time.
+    report = run_scenario(tiny_scenario, [Clocked()], tiny_cfg(**{"train.epochs": 8}), tmp_path / "epochs",
+                          progress=False, step_epochs=2)
+    n = len(tiny_scenario.steps[1].train)
+    assert report.steps[1].images_seen == 2 * ((n // 4) * 4 if n >= 4 else n)

@@ -1,6 +1,7 @@
 """Each strategy's term on tiny tensors, against values computed by hand from the papers' definitions."""
 
 import contextlib
+import copy
 import math
 
 import numpy as np
@@ -78,26 +79,53 @@ def test_mib_unbiased_distillation_merges_new_classes_into_background():
 
 def test_pod_embedding_and_loss_by_hand():
     f = torch.tensor([[1.0, 2.0], [3.0, 4.0]]).view(1, 1, 2, 2)
-    ((emb,),) = pod_embedding(f, scales=(1,))
-    # squared [[1,4],[9,16]]: summed over height -> (10, 20), over width -> (5, 25)
-    expected = torch.tensor([10.0, 20.0, 5.0, 25.0]) / math.sqrt(1150)
-    torch.testing.assert_close(emb[0], expected)
-    assert [len(w) for w in pod_embedding(torch.rand(1, 2, 5, 7), scales=(1, 2, 4))] == [1, 4, 16]
+    # squared [[1,4],[9,16]]: averaged along the width -> (2.5, 12.5), along the height -> (5, 10)
+    torch.testing.assert_close(pod_embedding(f, scales=(1,))[0], torch.tensor([2.5, 12.5, 5.0, 10.0]))
+    # C x (H + W) per window; at scale 2 a 5 x 7 map has windows of 2|3 rows and 3|4 columns.
+    assert pod_embedding(torch.rand(1, 2, 5, 7), scales=(1,)).shape == (1, 24)
+    assert pod_embedding(torch.rand(3, 2, 5, 7), scales=(1, 2)).shape == (3, 24 + 2 * (2 * (2 + 3) + 2 * (3 + 4)))
     assert local_pod_loss([f], [f.clone()]).item() == 0.0
     g = torch.tensor([[1.0, 2.0], [3.0, 5.0]]).view(1, 1, 2, 2)
-    ((emb_g,),) = pod_embedding(g, scales=(1,))
-    assert local_pod_loss([f], [g], scales=(1,)).item() == pytest.approx(torch.linalg.vector_norm(emb - emb_g).item())
+    dist = torch.linalg.vector_norm(pod_embedding(f, (1,)) - pod_embedding(g, (1,))).item()
+    assert local_pod_loss([f], [g], scales=(1,)).item() == pytest.approx(dist)
+    # Weighted per layer, averaged over layers.
+    assert local_pod_loss([f, f], [g, f], scales=(1,), weights=[0.5, 3.0]).item() == pytest.approx(0.5 * dist / 2)
+
+
+def test_plop_distils_the_logits_on_the_old_channels_with_the_step_schedule():
+    from types import SimpleNamespace
+
+    from everseg.learn.plugins import Batch, StepOutput
+    from everseg.learn.strategies import PLOP
+    from everseg.learn.strategies.base import ContinualContext
+    from everseg.learn.strategies.plop import logits_as_old
+
+    new = px(1.0, 2.0, 3.0, 4.0)
+    torch.testing.assert_close(logits_as_old(new, 2), px(8.0, 2.0))  # background + the 2 new classes, class 1
+    torch.manual_seed(0)
+    feats = {"backbone": [torch.rand(1, 4, 4, 4)], "decoder": torch.rand(1, 3, 4, 4), "logits": torch.rand(1, 3, 4, 4)}
+    old = {"backbone": [torch.rand(1, 4, 4, 4)], "decoder": torch.rand(1, 3, 4, 4), "logits": torch.rand(1, 2, 4, 4)}
+    plop = PLOP(pod_weight=0.01, logits_weight=0.0005, scales=(1, 2))
+    step = SimpleNamespace(new_classes=("Pole",), label_space=SimpleNamespace(names=("background", "Road", "Pole")))
+    plop.begin_step(ContinualContext(step=step, step_index=1, old_model=nn.Identity(), old_num_classes=2))
+    batch = Batch(torch.rand(1, 3, 4, 4), torch.zeros(1, 4, 4, dtype=torch.long), ["x"],
+                  extra={"plop_old_features": old})
+    got = plop.loss_terms(None, batch, StepOutput(torch.rand(1, 3, 4, 4), feats))["plop_pod"]
+    layers = local_pod_loss([feats["backbone"][0], feats["decoder"], logits_as_old(feats["logits"], 2)],
+                            [old["backbone"][0], old["decoder"], old["logits"]], (1, 2), [0.01, 0.01, 0.0005])
+    assert got.item() == pytest.approx(math.sqrt(3 / 1) * layers.item(), rel=1e-6)  # 3 classes now, 1 new
 
 
 def test_plop_pseudo_labels_confident_background_only():
     # Pixel 0: background, old model sure of class 1 -> 1. Pixel 1: background, old model unsure -> ignore.
-    # Pixel 2: labelled new class 3 -> unchanged.
-    old = torch.tensor([[[[-5.0, 0.0, 0.0]], [[5.0, 0.0, 0.0]]]])  # 1 x 2 x 1 x 3
-    target = torch.tensor([[[0, 0, 3]]])
+    # Pixel 2: labelled new class 3 -> unchanged. Image 2 has no background: its share is 1.
+    old = torch.tensor([[[[-5.0, 0.0, 0.0]], [[5.0, 0.0, 0.0]]]]).repeat(2, 1, 1, 1)  # 2 x 2 x 1 x 3
+    target = torch.tensor([[[0, 0, 3]], [[3, 3, 3]]])
     thresholds = torch.tensor([0.5, 0.5])
     assert normalized_entropy(old.softmax(1))[0, 0, 1].item() == pytest.approx(1.0)
-    out = pseudo_label(target, old, thresholds)
-    assert out.tolist() == [[[1, 255, 3]]]
+    out, share = pseudo_label(target, old, thresholds)
+    assert out.tolist() == [[[1, 255, 3]], [[3, 3, 3]]]
+    assert share.tolist() == [0.5, 1.0]  # 1 of image 1's 2 background pixels was confident
 
 
 class Tiny(nn.Module):
@@ -238,3 +266,79 @@ def test_mib_and_plop_leave_label_0_alone_without_a_background_shift(names, new)
     mib.begin_step(shifted)
     mib.shape_loss(trainer, None, None, shape)
     assert shape.background_covers == 2
+
+
+def test_ewf_fuses_the_endpoints_and_keeps_the_new_rows():
+    from types import SimpleNamespace
+
+    from everseg.data.labelspace import LabelSpace
+    from everseg.learn.strategies import EWF
+    from everseg.learn.strategies.base import ContinualContext
+    from everseg.models import create_model
+
+    old_ls = LabelSpace(("background", "Road", "Sky"))
+    new_ls = LabelSpace(("background", "Road", "Sky", "Pole"))
+    torch.manual_seed(0)
+    old = create_model(arch="lraspp", backbone="mobilenet_v2", label_space=old_ls, pretrained=False).eval()
+    model = copy.deepcopy(old)
+    model.grow_classifier(new_ls, init="background")
+    step = SimpleNamespace(new_classes=("Pole",), label_space=new_ls)
+    ewf = EWF()
+    ewf.begin_step(ContinualContext(step=step, step_index=1, old_model=old, old_num_classes=3))
+    trainer = SimpleNamespace(model=model)
+    ewf.on_fit_start(trainer)
+    held = model.classifier.weight[:3].detach().clone()
+    with torch.no_grad():  # "training": every weight moves
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+    ewf.after_step(trainer, None, None)
+    torch.testing.assert_close(model.classifier.weight[:3], held)  # the old rows are held
+    trained = copy.deepcopy(model)
+    ewf.end_step(ewf.ctx, trainer)
+    r = math.sqrt(1 / 4)  # one new class of four
+    name, p_old = next(iter(old.named_parameters()))
+    torch.testing.assert_close(dict(model.named_parameters())[name], (1 - r) * p_old + r * dict(trained.named_parameters())[name])
+    torch.testing.assert_close(model.classifier.weight[3], trained.classifier.weight[3])  # the new row as trained
+    torch.testing.assert_close(model.classifier.weight[:3], (1 - r) * old.classifier.weight + r * held)
+    bn_old = dict(old.named_buffers())
+    for key, value in model.named_buffers():
+        if value.is_floating_point():
+            torch.testing.assert_close(value, (1 - r) * bn_old[key] + r * dict(trained.named_buffers())[key])
+    # A step of new data (no class added) keeps its model as trained.
+    same = copy.deepcopy(trained)
+    domain = EWF()
+    domain.begin_step(ContinualContext(step=SimpleNamespace(new_classes=(), label_space=new_ls), step_index=1,
+                                       old_model=old, old_num_classes=3))
+    domain.on_fit_start(SimpleNamespace(model=same))
+    domain.end_step(domain.ctx, SimpleNamespace(model=same))
+    for a, b in zip(same.parameters(), trained.parameters()):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("cls", [EWC, MAS])
+def test_importance_is_the_mean_over_images_not_of_the_batch_gradient(cls):
+    from types import SimpleNamespace
+
+    from everseg.learn.plugins import Batch
+
+    torch.manual_seed(0)
+    model = Tiny()
+    images = torch.rand(4, 3, 2, 2)
+    masks = torch.tensor([0, 1, 0, 1]).view(4, 1, 1).expand(4, 2, 2).contiguous()  # labels that disagree
+    data = [{"image": images[i], "mask": masks[i], "stem": str(i)} for i in range(4)]
+    trainer = SimpleNamespace(train_set=data, to_batch=lambda raw: Batch(raw["image"], raw["mask"], list(raw["stem"])))
+    strategy = cls(max_batches=1, batch_size=4)
+    got = strategy._estimate(model, trainer, own_labels=False)
+    expected = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    for i in range(4):
+        model.zero_grad()
+        strategy.sample_importance(model, Batch(images[i:i + 1], masks[i:i + 1], [str(i)]))
+        for n, p in model.named_parameters():
+            expected[n] += cls.grad_to_importance(p.grad) / 4
+    for n in expected:
+        torch.testing.assert_close(got[n], expected[n])
+    # The batch's mean gradient would give less: the images pull in different directions.
+    model.zero_grad()
+    strategy.sample_importance(model, Batch(images, masks, list("0123")))
+    batch_form = sum(float(cls.grad_to_importance(p.grad).sum()) for p in model.parameters())
+    assert batch_form < sum(float(v.sum()) for v in expected.values())

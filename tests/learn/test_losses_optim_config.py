@@ -118,3 +118,32 @@ def test_time_budget_moves_the_decay_along():
     assert lr_multiplier(80, 100, 0, cfg, time_progress=0.5) == pytest.approx(0.2)  # steps are further
     # The warm-up's share of the time (2 of 100 planned steps) is long past: decay, not warm-up.
     assert lr_multiplier(0, 100, 2, cfg, time_progress=0.9) == pytest.approx(0.1)
+
+
+def test_the_shaped_cross_entropy_is_torchs_when_nothing_is_shaped():
+    """The path strategies shape (image weights, a merged background) computes the same loss as
+    F.cross_entropy, class weights and label smoothing included, before anything is changed."""
+    from everseg.learn.losses import LossShape, SegmentationLoss
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 5, 6)
+    target = torch.randint(0, 4, (2, 5, 6))
+    target[0, 0] = 255
+    weights = torch.tensor([1.0, 2.0, 0.5, 3.0])
+    loss = SegmentationLoss("ce", class_weights=weights, label_smoothing=0.1)
+    expected = torch.nn.functional.cross_entropy(logits, target, weight=weights, ignore_index=255, label_smoothing=0.1)
+    assert loss._shaped_ce(logits, target, LossShape()).item() == pytest.approx(expected.item(), rel=1e-5)
+    # Image weights: each image's own weighted mean, weighted and averaged over images.
+    per_image = [torch.nn.functional.cross_entropy(logits[i:i + 1], target[i:i + 1], weight=weights, ignore_index=255,
+                                                   label_smoothing=0.1) for i in range(2)]
+    shaped = loss(logits, target, LossShape(image_weights=torch.tensor([0.5, 1.5])))
+    assert shaped.item() == pytest.approx((0.5 * per_image[0] + 1.5 * per_image[1]).item() / 2, rel=1e-5)
+    # Two strategies' weights multiply; two different background merges are refused.
+    shape = LossShape()
+    shape.weight_images(torch.tensor([2.0, 1.0]), "a")
+    shape.weight_images(torch.tensor([0.5, 3.0]), "b")
+    assert shape.image_weights.tolist() == [1.0, 3.0] and shape.weighted_by == ["a", "b"]
+    shape.merge_background(3, "mib")
+    shape.merge_background(3, "again")
+    with pytest.raises(ValueError, match="label 0 already stands for classes 0..2"):
+        shape.merge_background(4, "other")

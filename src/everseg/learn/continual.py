@@ -9,6 +9,7 @@ classifier grown for the new classes. ``<out>/results.json`` / ``results.md`` /
 from __future__ import annotations
 
 import copy
+import logging
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -26,6 +27,18 @@ from everseg.learn.run import finetune_plugins, training_augmentation
 from everseg.learn.strategies import Strategy, build_strategies
 from everseg.learn.strategies.base import ContinualContext
 from everseg.learn.trainer import Trainer
+
+log = logging.getLogger(__name__)
+
+# A later step's default budget: a tenth of the wall time the base took to learn (step 0 here,
+# or the base model's own training), and never less than a minute. An incremental step that
+# costs as much as retraining has no point.
+STEP_SHARE = 0.1
+MIN_STEP_MINUTES = 1.0
+
+
+def default_step_minutes(reference_seconds: float) -> float:
+    return max(MIN_STEP_MINUTES, STEP_SHARE * reference_seconds / 60)
 
 
 def _frozen_copy(model: nn.Module) -> nn.Module:
@@ -89,8 +102,10 @@ def run_scenario(scenario: Scenario, strategy: str | Sequence[Strategy], cfg: Ru
 
     ``cfg`` gives the model, optimiser and augmentation; step 0 trains ``cfg.train.epochs``
     epochs, later steps ``step_epochs`` (default: the same) within ``step_minutes`` of wall
-    time each (default: ``cfg.train.max_minutes``; the LR schedule decays within it, so a
-    short budget is a short schedule, not a truncated one). The budget is the whole step's:
+    time each (the LR schedule decays within it, so a short budget is a short schedule, not a
+    truncated one). With neither given, a later step gets a tenth of the time the base took to
+    learn (step 0's, or what ``base_model`` records), at least a minute
+    (:func:`default_step_minutes`); without such a record, ``cfg.train.max_minutes``. The budget is the whole step's:
     the strategies' set-up counts against it, and their wrap-up after training (importance
     passes, memory update) is reserved from it as much as the previous step's took. ``joint``
     retrains every step with step 0's epochs and budget. ``base_model`` is a model folder that
@@ -148,13 +163,20 @@ def run_scenario(scenario: Scenario, strategy: str | Sequence[Strategy], cfg: Ru
     # What the last step spent after training (strategies' end_step, memory update): reserved
     # from the next step's training budget, so that a whole step stays within step_minutes.
     wrap_up = 0.0
+    reference: float | None = None  # seconds the base took to learn: the default budget of later steps
     for step in scenario.steps:
         t = step.index
         step_dir = out / f"step{t}"
         later = t > 0 and not joint
         epochs = step_epochs if later and step_epochs is not None else cfg.train.epochs
-        if later and step_minutes is not None:
-            minutes = max(step_minutes / 2, step_minutes - wrap_up / 60)
+        budget = step_minutes
+        if later and budget is None and step_epochs is None and reference:
+            budget = default_step_minutes(reference)
+            if t == 1:
+                log.info("each later step trains within %.1f minutes, a tenth of the %.1f the base took to learn "
+                         "(--step-minutes or --step-epochs to choose)", budget, reference / 60)
+        if later and budget is not None:
+            minutes = max(budget / 2, budget - wrap_up / 60)
         else:
             minutes = cfg.train.max_minutes
         step_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": epochs,
@@ -164,6 +186,7 @@ def run_scenario(scenario: Scenario, strategy: str | Sequence[Strategy], cfg: Ru
             report.initial_domain_miou = untrained_domain_miou(scenario, cfg, bf16)
         if t == 0 and base_model is not None:
             model = load_model(base_model)
+            reference = (getattr(model, "metadata", None) or {}).get("train_seconds")
             if model.label_space.names != step.label_space.names:
                 raise ValueError(f"{base_model}: its classes {list(model.label_space.names)} are not step 0's "
                                  f"{list(step.label_space.names)}")
@@ -202,13 +225,17 @@ def run_scenario(scenario: Scenario, strategy: str | Sequence[Strategy], cfg: Ru
                 memory.update(step.train, step=t)
             wrap_up = time.perf_counter() - wrap_start
             seconds, seen = time.perf_counter() - start, fit.images_seen
+            if t == 0 or joint:
+                reference = seconds
         if t == 0 and base_model is not None:
             model_dir = base_model  # learned elsewhere: the base itself is the parent of step 1
         else:
             parent_meta = dict(getattr(old_model, "metadata", None) or {}) if old_model is not None else {}
             lineage = list(parent_meta.get("lineage", [])) + ([parent_dir] if parent_dir else [])
+            # train_seconds stays what learning the base took: a later ``learn`` budgets from it.
             model.metadata = {**getattr(model, "metadata", {}), "scenario": scenario.spec.name, "strategy": name,
-                              "step": t, "parent": parent_dir, "lineage": lineage}
+                              "step": t, "parent": parent_dir, "lineage": lineage, "step_seconds": seconds,
+                              **({"train_seconds": reference} if reference else {})}
             model_dir = step_dir / "model"
             save_model(model, model_dir)
             if memory is not None:

@@ -8,7 +8,7 @@ weights and label smoothing survive every combination.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
@@ -70,9 +70,11 @@ class LossShape:
 
     image_weights: torch.Tensor | None = None
     background_covers: int = 1
+    weighted_by: list[str] = field(default_factory=list)  # who weighted the images, in order
 
-    def weight_images(self, weights: torch.Tensor) -> None:
+    def weight_images(self, weights: torch.Tensor, who: str) -> None:
         self.image_weights = weights if self.image_weights is None else self.image_weights * weights
+        self.weighted_by.append(who)
 
     def merge_background(self, classes: int, who: str) -> None:
         if self.background_covers not in (1, classes):

@@ -4,6 +4,26 @@ A plugin overrides only the hooks it needs. Hooks run in the order the plugins
 were given. Incremental-learning strategies, fine-tuning schedules and anything
 else that changes training are plugins, so the loop in ``trainer.py`` stays the
 single place where training happens.
+
+What a plugin may read and change on the Trainer (the contract the loop keeps; anything
+else on the Trainer is its own and may change without notice):
+
+Read: ``config`` (the RunConfig; never modify it), ``model`` (the model being trained,
+unwrapped), ``train_set`` (its ``label_space``, ``transform``, ``with_transform``, counts),
+``device``, ``autocast()`` (the run's mixed-precision context, for models a plugin runs),
+``to_batch(raw)`` (a loader batch as the model takes it), ``epoch``, ``global_step``,
+``optimizer`` (from ``on_fit_start`` on: its learning rates) and ``criterion`` (the
+recipe's :class:`~everseg.learn.losses.SegmentationLoss`).
+
+Change, only through these: the batch, in ``before_forward`` (images and masks: replay,
+pseudo-labels; ``batch.extra`` for the plugin's own data); the segmentation loss, in
+``shape_loss`` through :class:`~everseg.learn.losses.LossShape` (never by replacing
+``criterion``); extra loss terms, returned by ``loss_terms``; gradients, in
+``after_backward``; the model's weights, in ``after_step`` or ``end_step`` (Reptile, weight
+fusion) and which of them train, in ``on_fit_start`` (a frozen backbone);
+``criterion.class_weights``, in ``on_fit_start`` (replay counting its memory); stopping,
+with ``request_stop()``. Models a plugin runs beside the trained one are returned by
+``frozen_models`` so the Trainer moves them to its device.
 """
 
 from __future__ import annotations

@@ -472,7 +472,7 @@ class Trainer:
 
         meta = dict(getattr(self.model, "metadata", None) or {})
         meta.update({"epoch": self.epoch, "val_miou": self.best_miou, "images_seen": self.images_seen,
-                     "train_data": self.train_set.name})
+                     "train_data": self.train_set.name, "train_seconds": round(self.train_seconds, 1)})
         fractions = self._class_fractions()
         if fractions:  # what a service compares its predictions' class areas with (drift)
             meta["class_fractions"] = fractions

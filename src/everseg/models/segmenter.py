@@ -132,7 +132,8 @@ class Segmenter(nn.Module):
         """Logits for images ``x`` in [0, 1]; with ``return_features`` also the intermediate maps.
 
         The features are ``{"backbone": [feature maps, shallowest first], "decoder":
-        decoder output before dropout and classifier}``.
+        decoder output before dropout and classifier, "logits": the logits at the decoder's
+        resolution, before upsampling}``.
         """
         if not torch.jit.is_tracing():  # checks are static under tracing (ONNX export)
             if x.dim() != 4 or x.shape[1] != 3:
@@ -154,12 +155,12 @@ class Segmenter(nn.Module):
             x = F.pad(x, (0, pad_w, 0, pad_h))
         features = self.backbone((x - self.mean) / self.std)
         decoded = self.decoder(features)
-        logits = self.classifier(self.dropout(decoded))
-        logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        small = self.classifier(self.dropout(decoded))
+        logits = F.interpolate(small, size=x.shape[-2:], mode="bilinear", align_corners=False)
         if padded:
             logits = logits[..., :height, :width]
         if return_features:
-            return logits, {"backbone": features, "decoder": decoded}
+            return logits, {"backbone": features, "decoder": decoded, "logits": small}
         return logits
 
     # ----------------------------------------------------------------- classes

@@ -15,6 +15,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from everseg.learn.strategies.base import ContinualContext, Strategy
 from everseg.learn.strategies.distillation import ILT, LwF
+from everseg.learn.strategies.ewf import EWF
 from everseg.learn.strategies.importance import EWC, MAS, SampleWeighting
 from everseg.learn.strategies.mer import MetaReplay
 from everseg.learn.strategies.mib import MiB
@@ -31,6 +32,7 @@ STRATEGIES: dict[str, Callable[[], Strategy]] = {
     "mib": MiB,
     "plop": PLOP,
     "mer": MetaReplay,
+    "ewf": EWF,
 }
 BASELINES = ("finetune", "joint")
 
@@ -100,6 +102,6 @@ def _convert(key: str, value: Any, default: Any) -> Any:
                          f"like {default!r}") from None
 
 
-__all__ = ["BASELINES", "EWC", "ILT", "MAS", "MiB", "ContinualContext", "LwF", "MetaReplay", "PLOP", "Replay",
+__all__ = ["BASELINES", "EWC", "EWF", "ILT", "MAS", "MiB", "ContinualContext", "LwF", "MetaReplay", "PLOP", "Replay",
            "STRATEGIES", "SampleWeighting", "Strategy", "build_strategies", "default_strategy",
            "strategy_parameters"]

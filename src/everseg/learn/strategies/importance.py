@@ -66,17 +66,22 @@ class _ParameterImportance(Strategy, ABC):
         was_training = model.training
         model.eval()
         sums = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
-        batches = 0
+        samples = 0
         for batch in self._batches(trainer):
-            model.zero_grad(set_to_none=True)
-            self.sample_importance(model, batch, own_labels)
-            for n, p in model.named_parameters():
-                if p.grad is not None:
-                    sums[n] += self.grad_to_importance(p.grad.detach())
-            batches += 1
+            # Per image, as both papers define it: the square (EWC) or magnitude (MAS) of a
+            # batch's mean gradient is smaller than the mean over its images, and by a factor
+            # that depends on the batch size and on how much the images agree.
+            for i in range(batch.image.shape[0]):
+                one = Batch(batch.image[i:i + 1], batch.mask[i:i + 1], batch.stems[i:i + 1])
+                model.zero_grad(set_to_none=True)
+                self.sample_importance(model, one, own_labels)
+                for n, p in model.named_parameters():
+                    if p.grad is not None:
+                        sums[n] += self.grad_to_importance(p.grad.detach())
+                samples += 1
         model.zero_grad(set_to_none=True)
         model.train(was_training)
-        return {n: s / max(1, batches) for n, s in sums.items()}
+        return {n: s / max(1, samples) for n, s in sums.items()}
 
     def on_fit_start(self, trainer) -> None:
         if not self.anchor and self.old_model is not None:
@@ -92,6 +97,10 @@ class _ParameterImportance(Strategy, ABC):
             self.importance = {n: w.to(trainer.device) for n, w in self.importance.items()}
             lr = max(g.get("initial_lr", g["lr"]) for g in trainer.optimizer.param_groups)
             if lr > 0 and self.weight > 0:
+                # The penalty's curvature is 2 x weight x importance; once that times the LR passes 1,
+                # SGD overshoots the anchor further each step and training diverges. Capping the
+                # importance there keeps every weight's step stable; only the most important weights
+                # reach the cap, which the papers' smaller lr x weight products never hit.
                 cap = 1.0 / (2.0 * self.weight * lr)
                 self.importance = {n: w.clamp(max=cap) for n, w in self.importance.items()}
 
@@ -143,7 +152,7 @@ class EWC(_ParameterImportance):
 
     Args:
         weight: lambda (segmentation papers use 100 ... 5000; 500 here).
-        max_batches: batches used to estimate the Fisher information.
+        max_batches: batches of ``batch_size`` images whose per-image Fisher information is averaged.
     """
 
     name = "ewc"
@@ -165,7 +174,7 @@ class MAS(_ParameterImportance):
 
     Args:
         weight: lambda (paper: 1; segmentation uses larger, 10 here).
-        max_batches: batches used to estimate the importance.
+        max_batches: batches of ``batch_size`` images whose per-image importance is averaged.
     """
 
     name = "mas"
@@ -223,4 +232,4 @@ class SampleWeighting(Strategy):
             old_logits = self.old_outputs(batch.image)
             known = torch.where(target < old_logits.shape[1], target, torch.full_like(target, ignore))
             old_loss = F.cross_entropy(old_logits.float(), known, ignore_index=ignore, reduction="none")
-            shape.weight_images(per_sample_weights(old_loss.flatten(1).sum(1) / valid, self.gamma))
+            shape.weight_images(per_sample_weights(old_loss.flatten(1).sum(1) / valid, self.gamma), self.name)

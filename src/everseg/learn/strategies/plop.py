@@ -1,13 +1,23 @@
-"""PLOP: Pseudo-label and LOcal POD (Douillard et al., CVPR 2021).
+"""PLOP: Pseudo-label and LOcal POD (Douillard et al., CVPR 2021), as its authors' code runs it.
 
 (1) Local POD distils the *statistics* of intermediate features rather than the features
-themselves: each squared feature map is summed along its width and along its height
-(POD embeddings, PODNet), inside windows at several scales (1x1, 2x2, 4x4 grids), each
-embedding L2-normalised; the loss is the L2 distance between old and new embeddings,
-averaged over windows, scales and layers. (2) Background pixels are pseudo-labelled with
-the old model's prediction where it is confident - normalised entropy below the median
-entropy of its predicted class, measured on the step's images before training - and
-set to ignore where it is not.
+themselves: each squared feature map is averaged along its width and along its height
+(POD embeddings, PODNet), inside windows at several scales (1x1, 2x2, 4x4 grids); the
+windows' embeddings are joined into one vector per image and the loss is the L2 distance
+between the old and the new model's vectors, averaged over the batch. It is applied to every
+backbone stage and the decoder output (weight 0.01) and to the logits before upsampling
+(weight 0.0005; the new classes' logits are summed into the background's, so both models
+have the old classes' channels), averaged over those layers and scaled by
+sqrt(classes now / classes new in this step): the fewer classes a step adds, the more it
+must keep. (2) Background pixels are pseudo-labelled with the old model's prediction where
+it is confident - normalised entropy below the median entropy of its predicted class,
+measured on the step's images before training - and set to ignore where it is not; each
+image's cross-entropy is then weighted by the share of its background pixels that were
+confident (the "classification adaptive factor").
+
+Where this differs from the authors' code: windows follow the feature map's height and
+width (theirs cut the height by the width's window size), and an image without background
+pixels keeps weight 1 (theirs gives it 0).
 """
 
 from __future__ import annotations
@@ -16,40 +26,44 @@ import math
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from everseg.learn.plugins import Batch, StepOutput
 from everseg.learn.strategies.base import Strategy
 
 
-def pod_embedding(feature: torch.Tensor, scales: tuple[int, ...] = (1, 2, 4)) -> list[list[torch.Tensor]]:
-    """Local POD embeddings of ``feature`` (N x C x H x W): per scale, one N x K tensor per window
-    (the last row/column of windows takes the remainder, so K can differ between windows)."""
+def pod_embedding(feature: torch.Tensor, scales: tuple[int, ...] = (1, 2, 4)) -> torch.Tensor:
+    """Local POD embedding of ``feature`` (N x C x H x W): N x K, the width- and height-means of
+    the squared map in each window of each scale's grid (the last row/column of windows takes
+    the remainder), joined."""
     x = feature.float().pow(2)
     n, c, h, w = x.shape
-    out = []
+    parts = []
     for s in scales:
         hs, ws = max(1, h // s), max(1, w // s)
-        parts = []
         for i in range(s):
             for j in range(s):
                 win = x[:, :, i * hs:(i + 1) * hs if i < s - 1 else h, j * ws:(j + 1) * ws if j < s - 1 else w]
                 if win.numel() == 0:
                     continue
-                emb = torch.cat([win.sum(2).flatten(1), win.sum(3).flatten(1)], dim=1)  # width-, height-pooled
-                parts.append(F.normalize(emb, dim=1))
-        out.append(parts)
-    return out
+                parts += [win.mean(3).flatten(1), win.mean(2).flatten(1)]  # along width, along height
+    return torch.cat(parts, dim=1)
 
 
 def local_pod_loss(new_feats: list[torch.Tensor], old_feats: list[torch.Tensor],
-                   scales: tuple[int, ...] = (1, 2, 4)) -> torch.Tensor:
+                   scales: tuple[int, ...] = (1, 2, 4), weights: list[float] | None = None) -> torch.Tensor:
+    """Mean over layers of ``weight x`` the batch's mean L2 distance between POD embeddings."""
+    weights = weights if weights is not None else [1.0] * len(new_feats)
     total = new_feats[0].new_zeros((), dtype=torch.float32)
-    for new, old in zip(new_feats, old_feats):
-        per_scale = [torch.stack([torch.linalg.vector_norm(a - b, dim=-1).mean() for a, b in zip(wa, wb)]).mean()
-                     for wa, wb in zip(pod_embedding(new, scales), pod_embedding(old, scales))]
-        total = total + torch.stack(per_scale).mean()
+    for new, old, weight in zip(new_feats, old_feats, weights):
+        dist = torch.linalg.vector_norm(pod_embedding(new, scales) - pod_embedding(old, scales), dim=1)
+        total = total + weight * dist.mean()
     return total / len(new_feats)
+
+
+def logits_as_old(new_logits: torch.Tensor, old_classes: int) -> torch.Tensor:
+    """The new model's logits on the old model's channels: the new classes' summed into background's."""
+    return torch.cat([new_logits[:, :1] + new_logits[:, old_classes:].sum(1, keepdim=True),
+                      new_logits[:, 1:old_classes]], dim=1)
 
 
 def normalized_entropy(probs: torch.Tensor) -> torch.Tensor:
@@ -58,9 +72,10 @@ def normalized_entropy(probs: torch.Tensor) -> torch.Tensor:
 
 
 def pseudo_label(target: torch.Tensor, old_logits: torch.Tensor, thresholds: torch.Tensor,
-                 ignore_index: int = 255) -> torch.Tensor:
+                 ignore_index: int = 255) -> tuple[torch.Tensor, torch.Tensor]:
     """Background pixels (0) take the old model's class where its entropy is under that class's
-    threshold, and become ignore where it is not; other pixels are unchanged."""
+    threshold, and become ignore where it is not; other pixels are unchanged. Also returns each
+    image's share of background pixels that were confident (1 for an image without background)."""
     probs = old_logits.float().softmax(1)
     pred = probs.argmax(1)
     confident = normalized_entropy(probs) < thresholds.to(probs.device)[pred]
@@ -68,16 +83,22 @@ def pseudo_label(target: torch.Tensor, old_logits: torch.Tensor, thresholds: tor
     out = target.clone()
     out[bg & confident] = pred[bg & confident]
     out[bg & ~confident] = ignore_index
-    return out
+    background = bg.flatten(1).sum(1)
+    share = (bg & confident).flatten(1).sum(1).float() / background.clamp_min(1)
+    return out, torch.where(background > 0, share, torch.ones_like(share))
 
 
 class PLOP(Strategy):
-    """Local POD on every backbone stage and the decoder output, plus entropy pseudo-labels.
+    """Local POD on every backbone stage, the decoder output and the logits, plus entropy
+    pseudo-labels whose share weights each image's cross-entropy.
 
     Args:
-        pod_weight: weight of the local POD term (paper: 0.01).
-        scales: window grids of local POD (paper: 1, 2, 4 ... i.e. 3 scales).
-        max_threshold: cap on the per-class entropy thresholds (paper: 0.001 quantile options; 1 = no cap).
+        pod_weight: weight of local POD on the features (paper: 0.01).
+        logits_weight: weight of local POD on the logits (paper: 0.0005).
+        scales: window grids of local POD (paper: 1, 2, 4).
+        adaptive_factor: weight each image's cross-entropy by its share of confident
+            background pixels (paper: on).
+        max_threshold: cap on the per-class entropy thresholds (1 = no cap).
         threshold_images: at most this many of the step's images, evenly spread, estimate the
             thresholds (a median needs far fewer pixels than a whole dataset has; the pass
             counts against the step's time budget).
@@ -86,10 +107,11 @@ class PLOP(Strategy):
     name = "plop"
     needs_features = True
 
-    def __init__(self, pod_weight: float = 0.01, scales: tuple[int, ...] = (1, 2, 4), max_threshold: float = 1.0,
-                 threshold_images: int = 64):
+    def __init__(self, pod_weight: float = 0.01, logits_weight: float = 0.0005, scales: tuple[int, ...] = (1, 2, 4),
+                 adaptive_factor: bool = True, max_threshold: float = 1.0, threshold_images: int = 64):
         super().__init__()
-        self.pod_weight, self.scales, self.max_threshold = pod_weight, tuple(scales), max_threshold
+        self.pod_weight, self.logits_weight, self.scales = pod_weight, logits_weight, tuple(scales)
+        self.adaptive_factor, self.max_threshold = adaptive_factor, max_threshold
         self.threshold_images = threshold_images
         self.thresholds: torch.Tensor | None = None
 
@@ -114,12 +136,20 @@ class PLOP(Strategy):
         self.thresholds = torch.tensor(thr).clamp(max=self.max_threshold)
 
     def before_forward(self, trainer, batch: Batch) -> None:
-        if self.old_model is None or self.thresholds is None:
+        if self.old_model is None:
             return
         old_logits, old_feats = self.old_outputs(batch.image, features=True)
-        batch.mask = pseudo_label(batch.mask, old_logits, self.thresholds,
-                                  trainer.train_set.label_space.ignore_index)
         batch.extra["plop_old_features"] = old_feats
+        if self.thresholds is None:
+            return
+        batch.mask, confident_share = pseudo_label(batch.mask, old_logits, self.thresholds,
+                                                   trainer.train_set.label_space.ignore_index)
+        batch.extra["plop_confident_share"] = confident_share
+
+    def shape_loss(self, trainer, batch: Batch, output: StepOutput, shape) -> None:
+        share = batch.extra.get("plop_confident_share")
+        if self.adaptive_factor and share is not None and share.shape[0] == batch.image.shape[0]:
+            shape.weight_images(share, self.name)
 
     def loss_terms(self, trainer, batch: Batch, output: StepOutput) -> dict[str, torch.Tensor]:
         if self.old_model is None:
@@ -127,9 +157,17 @@ class PLOP(Strategy):
         old = batch.extra.get("plop_old_features")
         if old is None or old["decoder"].shape[0] != batch.image.shape[0]:
             old = self.old_outputs(batch.image, features=True)[1]
-        new_list = list(output.features["backbone"]) + [output.features["decoder"]]
-        old_list = list(old["backbone"]) + [old["decoder"]]
-        return {"plop_pod": self.pod_weight * local_pod_loss(new_list, old_list, self.scales)}
+        old_classes = self.ctx.old_num_classes
+        layers = len(output.features["backbone"]) + 1
+        new_list = [*output.features["backbone"], output.features["decoder"],
+                    logits_as_old(output.features["logits"], old_classes)]
+        old_list = [*old["backbone"], old["decoder"], old["logits"]]
+        weights = [self.pod_weight] * layers + [self.logits_weight]
+        now = output.logits.shape[1]
+        # The authors' schedule: the fewer classes this step adds, the more the old ones weigh
+        # (a domain step adds none and keeps weight 1).
+        schedule = math.sqrt(now / (now - old_classes)) if now > old_classes else 1.0
+        return {"plop_pod": schedule * local_pod_loss(new_list, old_list, self.scales, weights)}
 
     def state_dict(self):
         return {"thresholds": None if self.thresholds is None else self.thresholds.tolist()}
