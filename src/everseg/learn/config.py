@@ -162,6 +162,29 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any, label: str) -> No
     node[keys[-1]] = value
 
 
+def config_value(cfg: "RunConfig", dotted: str) -> Any:
+    """The value of field ``section.name`` of ``cfg`` (None when there is no such field)."""
+    value: Any = cfg
+    for part in dotted.split("."):
+        value = getattr(value, part, None)
+    return value
+
+
+def is_set(cfg: "RunConfig", dotted: str) -> bool:
+    """Whether the user gave field ``section.name`` (in the file or as an override), not its default."""
+    section, name = dotted.split(".")
+    return section in cfg.model_fields_set and name in getattr(cfg, section).model_fields_set
+
+
+def with_values(cfg: "RunConfig", values: Mapping[str, Any]) -> "RunConfig":
+    """``cfg`` with ``section.name`` fields replaced by already valid ``values`` (they count as set)."""
+    sections: dict[str, dict[str, Any]] = {}
+    for dotted, value in values.items():
+        section, name = dotted.split(".")
+        sections.setdefault(section, {})[name] = value
+    return cfg.model_copy(update={s: getattr(cfg, s).model_copy(update=v) for s, v in sections.items()})
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """``"optim.lr=0.02"`` -> ``("optim.lr", 0.02)``; the value is parsed as YAML."""
     key, eq, raw = text.partition("=")

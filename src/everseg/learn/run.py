@@ -12,7 +12,7 @@ from torch import nn
 from everseg.data.dataset import SegmentationDataset
 from everseg.data.fingerprint import Plan
 from everseg.data.transforms import AugmentConfig, train_transform
-from everseg.learn.config import RunConfig
+from everseg.learn.config import RunConfig, is_set, with_values
 from everseg.learn.finetune import FrozenBackbone, GradualUnfreeze
 from everseg.learn.plugins import Plugin
 from everseg.learn.rundir import claim_run_folder, clear_run_folder
@@ -55,28 +55,19 @@ def build_datasets(cfg: RunConfig) -> tuple[SegmentationDataset, SegmentationDat
 FITTED_FIELDS = ("data.crop_size", "data.scale", "train.batch_size", "loss.kind", "loss.class_weights")
 
 
-def _unset(cfg: RunConfig, dotted: str) -> bool:
-    section, name = dotted.split(".")
-    return section not in cfg.model_fields_set or name not in getattr(cfg, section).model_fields_set
-
-
 def fit_to_data(cfg: RunConfig, train_set: SegmentationDataset) -> tuple[RunConfig, Plan | None]:
     """``cfg`` with the crop, scale, batch and loss fields the user left unset (in the config file
     and ``--set``) chosen from the training images, as ``everseg.data.fingerprint`` explains;
     the config unchanged (and no plan) when every one is set or ``data.fit_to_data`` is off."""
     from everseg.data.fingerprint import fingerprint, plan_defaults
 
-    unset = {f for f in FITTED_FIELDS if _unset(cfg, f)}
+    unset = {f for f in FITTED_FIELDS if not is_set(cfg, f)}
     if not cfg.data.fit_to_data or not unset:
         return cfg, None
     fp = fingerprint(train_set)
     plan = plan_defaults(fp, unset, loss_kind=cfg.loss.kind, crop_size=cfg.data.crop_size)
     plan.fingerprint = fp
-    sections: dict[str, dict] = {}
-    for dotted, value in plan.values.items():
-        section, name = dotted.split(".")
-        sections.setdefault(section, {})[name] = value
-    fitted = cfg.model_copy(update={s: getattr(cfg, s).model_copy(update=v) for s, v in sections.items()})
+    fitted = with_values(cfg, plan.values)
     absent = fp.absent_classes()
     log.info("fitted to %s (%d of its %d images measured): %s. Set a field to choose it yourself, or "
              "data.fit_to_data=false for the built-in defaults", train_set.name, fp.measured, fp.images,

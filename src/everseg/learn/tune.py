@@ -34,7 +34,7 @@ from typing import Any, Sequence
 import yaml
 
 from everseg.atomic import atomic_write_text
-from everseg.learn.config import RunConfig, load_config
+from everseg.learn.config import RunConfig, config_value, load_config
 from everseg.learn.plugins import Plugin
 
 log = logging.getLogger(__name__)
@@ -220,10 +220,7 @@ def _starting_point(cfg: RunConfig, params: Sequence[Param]) -> dict[str, Any] |
     at the trial budget."""
     start = {}
     for p in params:
-        value: Any = cfg
-        for part in p.name.split("."):
-            value = getattr(value, part, None)
-        encoded = p.encode(value)
+        encoded = p.encode(config_value(cfg, p.name))
         if encoded is None:
             return None
         start[p.name] = encoded
@@ -236,7 +233,9 @@ def _as_trained(cfg: RunConfig) -> RunConfig:
 
     if not cfg.data.fit_to_data:
         return cfg
-    return fit_to_data(cfg, build_datasets(cfg)[0])[0]
+    # Measured from disk: the trials decode (and cache) the images themselves.
+    uncached = cfg.model_copy(update={"data": cfg.data.model_copy(update={"cache": "none"})})
+    return fit_to_data(cfg, build_datasets(uncached)[0])[0]
 
 
 def _with_validation(cfg: RunConfig) -> dict[str, Any]:
