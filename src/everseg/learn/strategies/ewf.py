@@ -57,7 +57,7 @@ class EWF(Strategy):
     def __init__(self, ratio: float = 0.0, freeze_old_classifier: bool = True):
         super().__init__()
         if not 0 <= ratio <= 1:
-            raise ValueError(f"ewf ratio must be in [0, 1] (0 = the paper's rule), got {ratio}")
+            raise ValueError(f"hyper-parameter ewf.ratio={ratio}: must be in [0, 1] (0 = the paper's rule)")
         self.ratio, self.freeze_old_classifier = ratio, freeze_old_classifier
         self._rows: tuple[torch.Tensor, torch.Tensor] | None = None
 
