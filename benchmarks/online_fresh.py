@@ -106,8 +106,9 @@ def main() -> None:
                 for name, options in VARIANTS if not args.only or name in args.only]
     result = {"machine": machine, "holdout_images": len(holdout), "corrections": args.corrections,
               "variants": variants}
-    write_json("online_fresh", result)
+    # A partial run is a check, not the table: the results file and the README hold one whole run.
     if not args.only:
+        write_json("online_fresh", result)
         update_readme_section("online_fresh", table(result))
     print(table(result))
 

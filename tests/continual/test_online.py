@@ -1,11 +1,13 @@
 """OnlineLearner: single images in, guarded new versions out, rollback."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
 
 from everseg.data import open_dataset
-from everseg.learn.online import OnlineLearner
+from everseg.learn.online import FeatureCache, OnlineLearner
 from everseg.models import create_model
 from everseg.models.versions import ModelRegistry
 
@@ -184,3 +186,37 @@ def test_frozen_updates_score_the_holdout_on_reused_backbone_features(setup):
     fresh._held_out = list(learner._held_out)
     np.testing.assert_array_equal(fresh._holdout_confusion(candidate), learner._confusion)
     assert isinstance(candidate.backbone, torch.nn.Module) and not hasattr(candidate.backbone, "cache")
+
+
+def test_frozen_updates_train_on_reused_backbone_features_and_learn_the_same(setup):
+    train, holdout, model, root = setup
+    learners, calls = [], []
+    for name, cache_bytes in (("reused", 2**30), ("computed", 0)):
+        learner = OnlineLearner(copy.deepcopy(model), root.with_name(name), holdout, steps=4, replay=1,
+                                tolerance=100.0, finetune="frozen", memory_size=2)
+        learner.feature_cache_bytes = cache_bytes
+        learner._features = (None, FeatureCache(cache_bytes))
+        learner.observe(*train.decoded(0))
+        count = []
+        learner.model.backbone.register_forward_hook(lambda *_: count.append(1))
+        learner.observe(*train.decoded(1))
+        learners.append(learner)
+        calls.append(len(count))
+    reused, computed = learners
+    # The second update's candidate starts from the first one's model: its 4 training steps and
+    # its holdout scoring find most images (whole or mirrored) already computed.
+    assert calls[0] < calls[1], calls
+    for (name, a), b in zip(reused.model.state_dict().items(), computed.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+    assert reused.holdout_miou == pytest.approx(computed.holdout_miou, abs=1e-6)
+
+
+def test_feature_cache_drops_the_least_recently_used():
+    cache = FeatureCache(max_bytes=3 * 4 * 10)
+    for k in "abc":
+        cache.put((k,), [torch.zeros(10)])
+    assert cache.get(("a",)) is not None  # "b" is now the oldest
+    cache.put(("d",), [torch.zeros(10)])
+    assert cache.get(("b",)) is None and cache.get(("a",)) is not None and len(cache) == 3
+    cache.put(("huge",), [torch.zeros(100)])  # larger than the cache: not kept, nothing dropped
+    assert cache.get(("huge",)) is None and len(cache) == 3 and cache.bytes == 120

@@ -34,6 +34,8 @@ import hashlib
 import tempfile
 import threading
 import time
+from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,39 +70,74 @@ class _FrozenNorm(Plugin):
                 m.eval()
 
 
-class _ReusedBackbone(nn.Module):
-    """Stands in for a model's backbone while the guardrail scores it: features of an input this
-    backbone has seen are taken from ``cache`` instead of computed again.
+class FeatureCache:
+    """Backbone features of single images, least recently used dropped past ``max_bytes``.
 
-    With a frozen backbone (``finetune="frozen"``) every candidate has its parent's backbone, so
-    the held-out images' features are the same for all of them and only the decoder runs: on the
-    demo model that halves the guardrail's cost. ``cache`` belongs to one backbone state (the
-    learner keys it by a digest of the weights and statistics), so a reused feature map is
-    exactly what the backbone would compute.
+    The held-out images are looked up at every update and so stay; a training image's mirror
+    that no later update replays is what goes first.
     """
 
-    # Past this many bytes of features (a large holdout of large images) the rest are computed
-    # each time, as without the cache: 20 CamVid images at 360x480 take about 110 MB.
-    max_bytes = 2**30
+    def __init__(self, max_bytes: int = 2**30):
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._items: OrderedDict[tuple, list[torch.Tensor]] = OrderedDict()
 
-    def __init__(self, backbone: nn.Module, cache: dict):
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, key: tuple) -> list[torch.Tensor] | None:
+        features = self._items.get(key)
+        if features is not None:
+            self._items.move_to_end(key)
+        return features
+
+    def put(self, key: tuple, features: list[torch.Tensor]) -> None:
+        size = sum(f.numel() * f.element_size() for f in features)
+        if key in self._items or size > self.max_bytes:
+            return
+        while self.bytes + size > self.max_bytes:
+            _, dropped = self._items.popitem(last=False)
+            self.bytes -= sum(f.numel() * f.element_size() for f in dropped)
+        self._items[key] = features
+        self.bytes += size
+
+
+class _ReusedBackbone(nn.Module):
+    """Stands in for a frozen backbone: the features of an input image this backbone has seen
+    are taken from ``cache`` instead of computed again, image by image within a batch.
+
+    With ``finetune="frozen"`` every candidate has its parent's backbone, so the held-out
+    images, the replayed ones and the new image (whole, or mirrored: the only augmentation of
+    frozen updates) have the same features for all of them, and only the decoder runs and
+    trains. ``cache`` belongs to one backbone state (the learner keys it by a digest of the
+    weights and statistics), so a reused feature map is what the backbone computes for that
+    image (up to the last bits of float rounding between batch sizes).
+    """
+
+    def __init__(self, backbone: nn.Module, cache: FeatureCache):
         super().__init__()
         self.inner = backbone
         self.cache = cache
 
     def forward(self, x: torch.Tensor):
-        if torch.is_grad_enabled() or self.inner.training:
+        # Only a backbone that is a fixed function (nothing trains, statistics frozen) is reused,
+        # whether or not the decoder after it is being trained.
+        if self.inner.training or any(p.requires_grad for p in self.inner.parameters()):
             return self.inner(x)
-        key = (tuple(x.shape), str(x.dtype), torch.is_autocast_enabled("cpu"),
-               hashlib.blake2b(x.detach().contiguous().cpu().numpy().tobytes(), digest_size=16).digest())
-        features = self.cache.get(key)
-        if features is None:
-            features = self.inner(x)
-            size = sum(f.numel() * f.element_size() for f in features)
-            if self.cache.get("bytes", 0) + size <= self.max_bytes:
-                self.cache[key] = features
-                self.cache["bytes"] = self.cache.get("bytes", 0) + size
-        return features
+        tag = (tuple(x.shape[1:]), str(x.dtype), torch.is_autocast_enabled("cpu"))
+        keys = [(*tag, hashlib.blake2b(x[i].detach().contiguous().cpu().numpy().tobytes(), digest_size=16).digest())
+                for i in range(x.shape[0])]
+        found = [self.cache.get(k) for k in keys]
+        missing = [i for i, f in enumerate(found) if f is None]
+        if missing:
+            computed = self.inner(x if len(missing) == x.shape[0] else x[missing])
+            for j, i in enumerate(missing):
+                # Cloned: a slice would keep the whole batch's maps alive.
+                found[i] = [f[j:j + 1].detach().clone() for f in computed]
+                self.cache.put(keys[i], found[i])
+            if len(missing) == x.shape[0]:
+                return computed
+        return [torch.cat(level) for level in zip(*found)]
 
 
 def _backbone_digest(model: nn.Module) -> bytes:
@@ -158,6 +195,10 @@ class OnlineLearner:
     classes) is scored on the data's classes, relabelled by name.
     """
 
+    # Backbone features kept for frozen updates: MobileNetV2's five maps of a 360x480 image take
+    # 5.4 MB, so this holds about 190 images (holdout, memory and mirrors).
+    feature_cache_bytes = 2**30
+
     def __init__(self, model: nn.Module, registry: str | Path | ModelRegistry, holdout: SegmentationDataset, *,
                  memory: ReplayMemory | None = None, memory_size: int = 20, steps: int = 4, replay: int = 3,
                  lr: float | None = None, tolerance: float = 1.0, crop_size: tuple[int, int] | None = None, seed: int = 0,
@@ -176,7 +217,7 @@ class OnlineLearner:
         self.publish_info = dict(publish_info or {})
         self._held_out: list[tuple[np.ndarray, np.ndarray, str]] = []
         # Held-out features of one backbone state, reused while candidates keep that backbone.
-        self._features: tuple[bytes | None, dict] = (None, {})
+        self._features: tuple[bytes | None, FeatureCache] = (None, FeatureCache(self.feature_cache_bytes))
         self.class_weights = class_weights
         compute_class_weights(np.ones((1, 2)), class_weights)  # refuses an unknown method now, not mid-stream
         if memory is None and self.registry.current is not None:
@@ -187,13 +228,17 @@ class OnlineLearner:
         self.bf16 = choose_precision(self.device).dtype == torch.bfloat16
         self._lock = threading.Lock()
         self._seen = 0
+        # Frozen updates mirror images but do not rescale them: the backbone's features of each
+        # image and of its mirror are then computed once and reused by every later update
+        # (replayed or held out), and only the decoder runs.
+        scale = (1.0, 1.0) if finetune == "frozen" else (0.9, 1.1)
         self.config = load_config(None, {
             "train.epochs": steps, "train.device": str(self.device), "train.batch_size": 1, "train.seed": seed,
             "train.log_every": 10**9,
             "optim.lr": lr if lr is not None else (0.01 if finetune == "frozen" else 0.0005), "optim.schedule": "constant", "optim.weight_decay": 0.0, "train.finetune": finetune,
             "data.val_split": None,
-            "data.crop_size": list(crop_size) if crop_size else None, "data.scale": [0.9, 1.1]})
-        self.augment = train_transform(AugmentConfig(crop_size=crop_size, scale=(0.9, 1.1)))
+            "data.crop_size": list(crop_size) if crop_size else None, "data.scale": list(scale)})
+        self.augment = train_transform(AugmentConfig(crop_size=crop_size, scale=scale))
         if self.registry.current is None:
             self._model = model.eval()
             self._confusion = self._holdout_confusion(self._model)
@@ -256,17 +301,26 @@ class OnlineLearner:
         def score() -> np.ndarray:
             return sum(evaluate(model, d, autocast_bf16=self.bf16, progress=False).metrics.confusion for d in sets)
 
-        # Only a frozen backbone is shared by every candidate; the served model is never
-        # touched (prediction threads are using it).
-        if self.config.train.finetune != "frozen" or model is self._model:
+        # The served model is never wrapped: prediction threads are using it.
+        if model is self._model:
             return score()
+        with self._reusing_backbone(model):
+            return score()
+
+    @contextmanager
+    def _reusing_backbone(self, model: nn.Module):
+        """While inside, ``model``'s backbone takes the features it has computed before from the
+        cache of its weights, when updates keep the backbone frozen (only then do candidates share it)."""
+        if self.config.train.finetune != "frozen":
+            yield
+            return
         digest = _backbone_digest(model)
         if digest != self._features[0]:
-            self._features = (digest, {})
+            self._features = (digest, FeatureCache(self.feature_cache_bytes))
         backbone = model.backbone
         model.backbone = _ReusedBackbone(backbone, self._features[1])
         try:
-            return score()
+            yield
         finally:
             model.backbone = backbone
 
@@ -333,7 +387,7 @@ class OnlineLearner:
         replay.begin_step(ctx)
         torch.manual_seed(self._seen)
         try:
-            with tempfile.TemporaryDirectory() as tmp:
+            with tempfile.TemporaryDirectory() as tmp, self._reusing_backbone(candidate):
                 Trainer(candidate, data.with_transform(self.augment), None, config, tmp,
                         plugins=[*finetune_plugins(self.config), _FrozenNorm(), replay], progress=False,
                         write_run=False).fit()
