@@ -2,7 +2,8 @@
 publish, feedback-to-version time and where it goes, and the dusk stream through the API
 against the in-process OnlineLearner.
 
-    .venv/bin/python benchmarks/serve.py            # everything (about 45 minutes on 2 cores)
+    .venv/bin/python benchmarks/serve.py            # everything (about 40 minutes on 2 cores)
+    .venv/bin/python benchmarks/serve.py --update-finetune full   # the same with full updates
     .venv/bin/python benchmarks/serve.py --skip-stream
 
 Writes results/serve.json and the serve section of benchmarks/README.md. Every server runs as a
@@ -96,11 +97,14 @@ class Server:
             raise RuntimeError(f"everseg serve did not start; see {log}")
         self.token = (registry / "token").read_text().strip()
 
-    def predict(self, image_png: bytes) -> tuple[float, int, int]:
+    def predict(self, image_png: bytes, inner: bool = False) -> tuple:
+        """(seconds, status, version[, the server's own inference seconds when ``inner``])."""
         start = time.perf_counter()
         r = self.client.post(self.url + "/v1/predict", files={"image": ("i.png", image_png, "image/png")})
         seconds = time.perf_counter() - start
-        return seconds, r.status_code, int(r.json()["version"]) if r.status_code == 200 else -1
+        ok = r.status_code == 200
+        out = (seconds, r.status_code, int(r.json()["version"]) if ok else -1)
+        return (*out, r.json()["seconds"] if ok else float("nan")) if inner else out
 
     def feedback(self, image_png: bytes, mask_png: bytes) -> int:
         r = self.client.post(self.url + "/v1/feedback", headers={"Authorization": f"Bearer {self.token}"},
@@ -137,8 +141,12 @@ def pct(values, q) -> float:
 
 
 # ---------------------------------------------------------------------------- measurements
-def predict_latency(model_dir: Path, images: list[bytes], arrays: list[np.ndarray], runs: Path) -> dict:
-    """One client: in-process predict_image against POST /v1/predict, same images, same threads."""
+def predict_latency(model_dir: Path, images: list[bytes], arrays: list[np.ndarray], runs: Path,
+                    block: int = 10) -> dict:
+    """One client: in-process predict_image against POST /v1/predict, same images, same threads.
+
+    The two take turns in blocks of ``block`` images, so a change in the machine's speed during
+    the measurement (this VM's varied by 25 % between minutes) falls on both alike."""
     import torch
 
     from everseg.evaluate import predict_image
@@ -147,23 +155,26 @@ def predict_latency(model_dir: Path, images: list[bytes], arrays: list[np.ndarra
 
     model = load_model(model_dir).to(memory_format=torch.channels_last)
     bf16 = cpu_has_native_bf16()
-    for a in arrays[:5]:
-        predict_image(model, a, autocast_bf16=bf16, channels_last=True)
-    local = []
-    for a in arrays:
-        start = time.perf_counter()
-        predict_image(model, a, autocast_bf16=bf16, channels_last=True)
-        local.append(time.perf_counter() - start)
-    del model
     server = Server(runs / "registry-latency", "--model", str(model_dir), log=runs / "latency.log")
     try:
-        for b in images[:5]:
+        for a, b in zip(arrays[:5], images[:5]):
+            predict_image(model, a, autocast_bf16=bf16, channels_last=True)
             server.predict(b)
-        remote = [server.predict(b)[0] for b in images]
+        local, remote, inside = [], [], []
+        for first in range(0, len(images), block):
+            for a in arrays[first:first + block]:
+                start = time.perf_counter()
+                predict_image(model, a, autocast_bf16=bf16, channels_last=True)
+                local.append(time.perf_counter() - start)
+            for b in images[first:first + block]:
+                seconds, _, _, inner = server.predict(b, inner=True)
+                remote.append(seconds)
+                inside.append(inner)
     finally:
         server.stop()
     return {"images": len(images), "in_process_p50_ms": 1000 * pct(local, 50), "http_p50_ms": 1000 * pct(remote, 50),
-            "http_p99_ms": 1000 * pct(remote, 99), "ratio_p50": pct(remote, 50) / pct(local, 50)}
+            "http_p99_ms": 1000 * pct(remote, 99), "ratio_p50": pct(remote, 50) / pct(local, 50),
+            "server_inference_p50_ms": 1000 * pct(inside, 50)}
 
 
 def feedback_and_load(model_dir: Path, holdout: Path, test, images: list[bytes], runs: Path, *,
@@ -239,7 +250,7 @@ def feedback_and_load(model_dir: Path, holdout: Path, test, images: list[bytes],
     }
 
 
-def stream(args, runs: Path) -> dict:
+def stream(args, runs: Path, update_options: list[str]) -> dict:
     """The dusk stream of benchmarks/continual.py, in process and through the HTTP API, with the
     service's settings for both: the 0016E5 model, its memory filled with its own training
     images, 21 day validation images as the holdout, the 62 dusk training images one by one."""
@@ -279,8 +290,17 @@ def stream(args, runs: Path) -> dict:
 
     # In process: the learner the worker builds, on the same model, memory and holdout.
     shutil.rmtree(runs / "stream-registry-local", ignore_errors=True)
+    from everseg.serve.worker import WorkerSettings
+
+    options = dict(zip(update_options[::2], update_options[1::2]))
+    settings = WorkerSettings()
+    for option, value in options.items():
+        field = option.removeprefix("--update-")
+        setattr(settings, field, [int(v) for v in value.split("x")] if field == "crop"
+                else int(value) if field in ("steps", "replay") else value)
     learner = OnlineLearner(load_model(start_dir), runs / "stream-registry-local", holdout,
-                            memory=ReplayMemory.load(start_dir / "memory"), keep_rejected=True)
+                            memory=ReplayMemory.load(start_dir / "memory"), keep_rejected=True,
+                            **settings.learner_kwargs())
     t0, accepted = time.perf_counter(), 0
     for i in order:
         accepted += learner.observe(*pool.decoded(i), stem=pool.samples[i].stem).accepted
@@ -288,7 +308,7 @@ def stream(args, runs: Path) -> dict:
     print("stream in process", local, flush=True)
 
     server = Server(runs / "stream-registry-http", "--model", str(start_dir), "--holdout", str(holdout_dir),
-                    "--split", "val", log=runs / "stream.log")
+                    "--split", "val", *update_options, log=runs / "stream.log")
     try:
         t0, accepted = time.perf_counter(), 0
         for i in order:
@@ -336,6 +356,9 @@ def table(r: dict) -> str:
            "<= 5 s |",
            f"| of which the worker: score the served prediction / train / holdout / publish (medians) | "
            f"{t['score_served']:.2f} / {t['train']:.2f} / {t['holdout']:.2f} / {t['publish']:.2f} s | |"]
+    if "server_inference_p50_ms" in lat:
+        row = next(i for i, line in enumerate(out) if line.startswith("| HTTP / in-process"))
+        out.insert(row, f"| of which the server's inference (p50) | {lat['server_inference_p50_ms']:.0f} ms | |")
     first, last = fb["corrections"][0], fb["corrections"][-1]
     out.append(f"| holdout mIoU before the first / after the last correction | {first['before']:.1f} / "
                f"{last['after'] if last['status'] == 'accepted' else last['before']:.1f} | higher after |")
@@ -364,14 +387,17 @@ def main() -> None:
     p.add_argument("--clients", type=int, default=4)
     p.add_argument("--seconds", type=float, default=120.0, help="length of the load phase")
     p.add_argument("--skip-stream", action="store_true")
-    p.add_argument("--update-finetune", choices=["full", "frozen"], default="full",
-                   help="the server's --update-finetune; other than full, the results get their own file and section")
-    p.add_argument("--update-crop", default=None, help="the server's --update-crop (own file and section too)")
+    # The server's update options; any given makes a variant with its own results file and section.
+    p.add_argument("--update-finetune", choices=["full", "frozen"], help="the server's --update-finetune")
+    p.add_argument("--update-crop", help="the server's --update-crop")
+    p.add_argument("--update-steps", type=int, help="the server's --update-steps")
+    p.add_argument("--update-replay", type=int, help="the server's --update-replay")
     p.add_argument("--report", action="store_true",
                    help="only write the README section again from its results file (no measuring)")
     args = p.parse_args()
-    update_options = ([] if args.update_finetune == "full" else ["--update-finetune", args.update_finetune]) + \
-        ([] if args.update_crop is None else ["--update-crop", args.update_crop])
+    update_options = [item for option in ("finetune", "crop", "steps", "replay")
+                      if getattr(args, f"update_{option}") is not None
+                      for item in (f"--update-{option}", str(getattr(args, f"update_{option}")))]
     # The defaults keep the name "serve"; a variant is a table of its own, measured from one commit.
     name = "serve" + "".join(f"-{o.lstrip('-').split('-')[-1]}-{v}" for o, v in zip(update_options[::2],
                                                                                   update_options[1::2]))
@@ -401,8 +427,8 @@ def main() -> None:
                                            clients=args.clients, seconds=args.seconds,
                                            update_options=update_options)
     print("load", result["feedback"]["load"], flush=True)
-    if not args.skip_stream and not update_options:  # the stream is measured with the defaults
-        result["stream"] = stream(args, RUNS)
+    if not args.skip_stream:
+        result["stream"] = stream(args, RUNS, update_options)
     write_json(name, result)
     update_readme_section(name, table(result))
     print(table(result))

@@ -678,8 +678,10 @@ def serve(
         help="Train each update on a random HxW crop, e.g. 240x320: faster updates, fewer accepted "
              "(default: whole images)")] = None,
     update_finetune: Annotated[str, typer.Option(
-        help="What an update trains: full (the whole model) or frozen (decoder and classifier only: "
-             "faster updates that learn less)")] = "full",
+        help="What an update trains: frozen (decoder and classifier; backbone features reused: fast) "
+             "or full (the whole model: about 3x slower)")] = "frozen",
+    update_steps: Annotated[int, typer.Option(min=1, help="Gradient steps per correction")] = 3,
+    update_replay: Annotated[int, typer.Option(min=1, help="Remembered images replayed beside each correction")] = 2,
     device: InferDeviceOpt = "auto",
 ) -> None:
     """Serve predictions, learn from corrections (checked on --holdout), keep versions; see the README."""
@@ -695,6 +697,7 @@ def serve(
                 worker=WorkerSettings(tolerance=tolerance, new_class_examples=new_class_examples,
                                       rollback_window=rollback_window, rollback_margin=rollback_margin,
                                       crop=list(crop) if crop else None, finetune=update_finetune,
+                                      steps=update_steps, replay=update_replay,
                                       device=device),
                 settings={"device": device, "max_queued": max_queued, "max_upload_bytes": int(max_upload_mb * 2**20),
                           "max_pixels": int(max_megapixels * 1e6)})

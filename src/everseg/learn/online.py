@@ -62,11 +62,13 @@ from everseg.models.versions import ModelRegistry
 
 
 class _FrozenNorm(Plugin):
-    """Keeps normalisation statistics fixed: a batch of one new image would skew them."""
+    """Keeps normalisation statistics fixed (a batch of one new image would skew them) and
+    turns dropout off: a few steps on one image need no regulariser, and drawing the dropout
+    mask of a full-size decoder map took 0.15 s of each 1 s step of a frozen update."""
 
     def on_epoch_start(self, trainer) -> None:
         for m in trainer.model.modules():
-            if isinstance(m, _NormBase):
+            if isinstance(m, (_NormBase, nn.Dropout, nn.Dropout2d)):
                 m.eval()
 
 

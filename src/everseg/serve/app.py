@@ -10,12 +10,14 @@ and always names the version that made it.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hmac
 import io
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +26,6 @@ from typing import Any
 import numpy as np
 import torch
 from fastapi import Depends, FastAPI, File, Form, HTTPException, Query, Request, UploadFile
-from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from torch import nn
@@ -137,14 +138,17 @@ def create_app(settings: ServeSettings, *, served: ServedModel | None = None,
     metrics = ServiceMetrics(registry, store)
     bf16 = choose_precision(served.device).dtype == torch.bfloat16 if settings.bf16 is None else settings.bf16
     # One prediction at a time, with all cores: on 2 cores two at once, each with 2 threads,
-    # only made each slower (benchmarks/serve.py).
-    infer_lock = threading.Lock()
+    # only made each slower (benchmarks/serve.py). Always on the same thread, too: every thread
+    # that runs torch gets its own OpenMP team, and the teams of the server's pool threads spun
+    # against each other (a prediction took 114 ms there against 108 ms in process).
+    inference = ThreadPoolExecutor(max_workers=1, thread_name_prefix="everseg-predict")
 
     @asynccontextmanager
     async def lifespan(app):  # noqa: ARG001 - FastAPI's signature
         served.start()
         yield
         served.stop()
+        inference.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="everseg", version="1", lifespan=lifespan,
                   description="Predictions, corrections that teach the model, versions with rollback.")
@@ -196,11 +200,7 @@ def create_app(settings: ServeSettings, *, served: ServedModel | None = None,
         rgb, _ = read_image_upload(await read_upload(image, "image"), max_pixels=settings.max_pixels)
         version, model = served.get()
 
-        def run() -> dict[str, Any]:
-            with infer_lock:
-                return predict_response(model, version, rgb, bf16)
-
-        out = await run_in_threadpool(run)
+        out = await asyncio.get_running_loop().run_in_executor(inference, predict_response, model, version, rgb, bf16)
         ids = out.pop("_ids")
         metrics.observe_prediction(version, out["confidence"], model.label_space.names, ids)
         headers = {"X-Everseg-Version": str(version)}
