@@ -47,14 +47,13 @@ from torch.nn.modules.batchnorm import _NormBase
 from everseg.data.dataset import SegmentationDataset
 from everseg.data.io import check_labelled_pair
 from everseg.data.scenarios import align_to_model, has_background
-from everseg.data.transforms import AugmentConfig, train_transform
 from everseg.devices import choose_precision, resolve_device
 from everseg.evaluate.metrics import SegmentationMetrics
-from everseg.learn.config import load_config
+from everseg.learn.config import DataConfig, OptimConfig, RunConfig, TrainConfig
 from everseg.learn.losses import compute_class_weights
 from everseg.learn.memory import ReplayMemory
 from everseg.learn.plugins import Plugin
-from everseg.learn.run import finetune_plugins
+from everseg.learn.run import finetune_plugins, training_augmentation
 from everseg.learn.strategies.base import ContinualContext
 from everseg.learn.strategies.replay import Replay
 from everseg.learn.trainer import Trainer
@@ -234,13 +233,13 @@ class OnlineLearner:
         # image and of its mirror are then computed once and reused by every later update
         # (replayed or held out), and only the decoder runs.
         scale = (1.0, 1.0) if finetune == "frozen" else (0.9, 1.1)
-        self.config = load_config(None, {
-            "train.epochs": steps, "train.device": str(self.device), "train.batch_size": 1, "train.seed": seed,
-            "train.log_every": 10**9,
-            "optim.lr": lr if lr is not None else (0.01 if finetune == "frozen" else 0.0005), "optim.schedule": "constant", "optim.weight_decay": 0.0, "train.finetune": finetune,
-            "data.val_split": None,
-            "data.crop_size": list(crop_size) if crop_size else None, "data.scale": list(scale)})
-        self.augment = train_transform(AugmentConfig(crop_size=crop_size, scale=scale))
+        self.config = RunConfig(
+            data=DataConfig(val_split=None, crop_size=crop_size, scale=scale),
+            optim=OptimConfig(lr=lr if lr is not None else (0.01 if finetune == "frozen" else 0.0005),
+                              schedule="constant", weight_decay=0.0),
+            train=TrainConfig(epochs=steps, batch_size=1, seed=seed, log_every=10**9, finetune=finetune,
+                              device=str(self.device)))
+        self.augment = training_augmentation(self.config)
         if self.registry.current is None:
             self._model = model.eval()
             self._confusion = self._holdout_confusion(self._model)
