@@ -178,7 +178,8 @@ def predict_latency(model_dir: Path, images: list[bytes], arrays: list[np.ndarra
 
 
 def feedback_and_load(model_dir: Path, holdout: Path, test, images: list[bytes], runs: Path, *,
-                      corrections: int, clients: int, seconds: float, update_options: list[str] = ()) -> dict:
+                      corrections: int, clients: int, seconds: float, quiet_seconds: float = 60.0,
+                      update_options: list[str] = ()) -> dict:
     """Feedback-to-version time one item at a time, then clients predicting while updates publish."""
     server = Server(runs / "registry-feedback", "--model", str(model_dir), "--holdout", str(holdout), "--split", "val",
                     *update_options, log=runs / "feedback.log")
@@ -197,41 +198,48 @@ def feedback_and_load(model_dir: Path, holdout: Path, test, images: list[bytes],
                             "worker_seconds": item["seconds"], "timings": item["timings"],
                             "before": item["holdout_miou_before"], "after": item["holdout_miou_after"]})
             print("feedback", singles[-1], flush=True)
-        # 2. Load: clients predict while a feeder keeps corrections coming.
-        stop = threading.Event()
-        results: list[tuple[float, int, int]] = []
-        lock = threading.Lock()
+        # 2. Load: clients predict, first alone (what the load costs by itself), then while a
+        # feeder keeps corrections coming (what updates add).
+        fed: list[dict] = []
 
-        def client(k: int) -> None:
-            r = random.Random(k)
-            while not stop.is_set():
-                out = server.predict(images[r.randrange(len(images))])
-                with lock:
-                    results.append(out)
+        def load(seconds: float, feed: bool) -> tuple[list[tuple[float, int, int]], float]:
+            stop = threading.Event()
+            results: list[tuple[float, int, int]] = []
+            lock = threading.Lock()
 
-        fed = []
+            def client(k: int) -> None:
+                r = random.Random(k)
+                while not stop.is_set():
+                    out = server.predict(images[r.randrange(len(images))])
+                    with lock:
+                        results.append(out)
 
-        def feeder() -> None:
-            for i in picks[corrections:]:
-                if stop.is_set():
-                    return
-                image, mask = test.decoded(i)
-                fed.append(server.wait(server.feedback(png(image), png(mask))))
+            def feeder() -> None:
+                for i in picks[corrections:]:
+                    if stop.is_set():
+                        return
+                    image, mask = test.decoded(i)
+                    fed.append(server.wait(server.feedback(png(image), png(mask))))
 
-        threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)] + [threading.Thread(target=feeder)]
-        start = time.perf_counter()
-        for t in threads:
-            t.start()
-        time.sleep(seconds)
-        stop.set()
-        for t in threads:
-            t.join()
-        elapsed = time.perf_counter() - start
+            threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+            threads += [threading.Thread(target=feeder)] if feed else []
+            begin = time.perf_counter()
+            for t in threads:
+                t.start()
+            time.sleep(seconds)
+            stop.set()
+            for t in threads:
+                t.join()
+            return results, time.perf_counter() - begin
+
+        quiet, _ = load(quiet_seconds, feed=False)
+        results, elapsed = load(seconds, feed=True)
         versions = server.client.get(server.url + "/v1/models").json()
     finally:
         server.stop()
     published = {v["version"] for v in versions if v["status"] == "published"}
     lat = [r[0] for r in results if r[1] == 200]
+    quiet_lat = [r[0] for r in quiet if r[1] == 200]
     served = sorted({r[2] for r in results if r[1] == 200})
     during = [f for f in fed if f["status"] == "accepted"]
     first = [s["seconds"] for s in singles if s["status"] == "accepted"]
@@ -246,7 +254,10 @@ def feedback_and_load(model_dir: Path, holdout: Path, test, images: list[bytes],
                  "errors": sum(r[1] != 200 for r in results), "p50_ms": 1000 * pct(lat, 50),
                  "p99_ms": 1000 * pct(lat, 99), "versions_served": served,
                  "all_served_versions_published": set(served) <= published,
-                 "versions_published_during_load": len(during), "corrections_during_load": len(fed)},
+                 "versions_published_during_load": len(during), "corrections_during_load": len(fed),
+                 "without_updates": {"seconds": quiet_seconds, "requests": len(quiet),
+                                     "errors": sum(r[1] != 200 for r in quiet),
+                                     "p50_ms": 1000 * pct(quiet_lat, 50), "p99_ms": 1000 * pct(quiet_lat, 99)}},
     }
 
 
@@ -297,7 +308,7 @@ def stream(args, runs: Path, update_options: list[str]) -> dict:
     for option, value in options.items():
         field = option.removeprefix("--update-")
         setattr(settings, field, [int(v) for v in value.split("x")] if field == "crop"
-                else int(value) if field in ("steps", "replay") else value)
+                else int(value) if field in ("steps", "replay", "nice") else value)
     learner = OnlineLearner(load_model(start_dir), runs / "stream-registry-local", holdout,
                             memory=ReplayMemory.load(start_dir / "memory"), keep_rejected=True,
                             **settings.learner_kwargs())
@@ -356,6 +367,11 @@ def table(r: dict) -> str:
            "<= 5 s |",
            f"| of which the worker: score the served prediction / train / holdout / publish (medians) | "
            f"{t['score_served']:.2f} / {t['train']:.2f} / {t['holdout']:.2f} / {t['publish']:.2f} s | |"]
+    if "without_updates" in load:
+        q = load["without_updates"]
+        row = next(i for i, line in enumerate(out) if line.startswith("| p50 / p99 under that load"))
+        out.insert(row, f"| the same {load['clients']} clients for {q['seconds']:.0f} s before, no corrections: p50 / p99 | "
+                        f"{q['p50_ms']:.0f} / {q['p99_ms']:.0f} ms ({q['p99_ms'] / lat['http_p50_ms']:.1f}x idle p50) | |")
     if "server_inference_p50_ms" in lat:
         row = next(i for i, line in enumerate(out) if line.startswith("| HTTP / in-process"))
         out.insert(row, f"| of which the server's inference (p50) | {lat['server_inference_p50_ms']:.0f} ms | |")
@@ -392,10 +408,11 @@ def main() -> None:
     p.add_argument("--update-crop", help="the server's --update-crop")
     p.add_argument("--update-steps", type=int, help="the server's --update-steps")
     p.add_argument("--update-replay", type=int, help="the server's --update-replay")
+    p.add_argument("--update-nice", type=int, help="the server's --update-nice")
     p.add_argument("--report", action="store_true",
                    help="only write the README section again from its results file (no measuring)")
     args = p.parse_args()
-    update_options = [item for option in ("finetune", "crop", "steps", "replay")
+    update_options = [item for option in ("finetune", "crop", "steps", "replay", "nice")
                       if getattr(args, f"update_{option}") is not None
                       for item in (f"--update-{option}", str(getattr(args, f"update_{option}")))]
     # The defaults keep the name "serve"; a variant is a table of its own, measured from one commit.

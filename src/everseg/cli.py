@@ -682,6 +682,8 @@ def serve(
              "or full (the whole model: about 3x slower)")] = "frozen",
     update_steps: Annotated[int, typer.Option(min=1, help="Gradient steps per correction")] = 3,
     update_replay: Annotated[int, typer.Option(min=1, help="Remembered images replayed beside each correction")] = 2,
+    update_nice: Annotated[int, typer.Option(
+        min=0, max=19, help="CPU priority of updates below predictions' (0 = the same, 19 = the lowest)")] = 5,
     device: InferDeviceOpt = "auto",
 ) -> None:
     """Serve predictions, learn from corrections (checked on --holdout), keep versions; see the README."""
@@ -697,7 +699,7 @@ def serve(
                 worker=WorkerSettings(tolerance=tolerance, new_class_examples=new_class_examples,
                                       rollback_window=rollback_window, rollback_margin=rollback_margin,
                                       crop=list(crop) if crop else None, finetune=update_finetune,
-                                      steps=update_steps, replay=update_replay,
+                                      steps=update_steps, replay=update_replay, nice=update_nice,
                                       device=device),
                 settings={"device": device, "max_queued": max_queued, "max_upload_bytes": int(max_upload_mb * 2**20),
                           "max_pixels": int(max_megapixels * 1e6)})

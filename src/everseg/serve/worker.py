@@ -55,7 +55,9 @@ class WorkerSettings:
     lease_seconds: float = 30.0  # how long the update lease lasts without renewal
     poll_seconds: float = 0.1  # how often an idle worker looks for work
     threads: int | None = None  # torch threads of the worker (None: one per core)
-    nice: int = 10  # CPU priority below the predictions' (0 = the same)
+    # CPU priority below the predictions' (0 = the same). Under 4 clients that keep both cores
+    # busy, an update at 10 got a tenth of the CPU: 2 versions in 2 minutes (benchmarks/README.md).
+    nice: int = 5
     # What an update trains: "frozen" keeps the backbone (only the decoder and classifier
     # learn, and every image's backbone features are computed once and reused by later updates
     # and the guardrail), "full" trains it all. On the fresh-start benchmark (20 corrections of the
