@@ -56,13 +56,14 @@ class WorkerSettings:
     poll_seconds: float = 0.1  # how often an idle worker looks for work
     threads: int | None = None  # torch threads of the worker (None: one per core)
     # CPU priority below the predictions' (0 = the same). Under 4 clients that keep both cores
-    # busy, an update at 10 got a tenth of the CPU: 2 versions in 2 minutes (benchmarks/README.md).
+    # busy, updates at 10 got about a tenth of the CPU and published 2 versions in 2 minutes; at 5,
+    # 4 versions, while the clients' p50 went from 512 ms without updates to 764 ms.
     nice: int = 5
     # What an update trains: "frozen" keeps the backbone (only the decoder and classifier
     # learn, and every image's backbone features are computed once and reused by later updates
     # and the guardrail), "full" trains it all. On the fresh-start benchmark (20 corrections of the
-    # demo model, benchmarks/README.md) frozen updates of 3 steps replaying 2 images took 4.1 s
-    # for 15 accepted and 40.6 -> 49.1 mIoU, full ones 11.6 s for 14 and 50.3.
+    # demo model, benchmarks/README.md) frozen updates of 3 steps replaying 2 images took 3.9 s
+    # for 15 accepted and 40.6 -> 49.1 mIoU, full ones 12.9 s for 14 and 50.3.
     finetune: str = "frozen"
     steps: int = 3  # gradient steps per correction
     replay: int = 2  # remembered images replayed beside the correction in each step
