@@ -65,8 +65,9 @@ class _FrozenNorm(Plugin):
 
     ``dropout_off`` also turns dropout off, which frozen updates do: drawing the dropout mask
     of a full-size decoder map took 0.15 s of each 1 s step, and without it as many corrections
-    were accepted (12 of 20 against 10, benchmarks/online_fresh.py). Full updates keep it:
-    without it they accepted 5 of 20 corrections instead of 14 (40.6 -> 48.8 mIoU, not 50.3).
+    were accepted (benchmarks/online_fresh.py: 12 of 20, against 10 with it at 14b8552). Full
+    updates keep it: at 45da0a3, which ran them without it, they accepted 5 of 20 corrections
+    instead of 14 (40.6 -> 48.8 mIoU, not 50.3).
     """
 
     def __init__(self, dropout_off: bool = False):
