@@ -44,7 +44,7 @@ from everseg.evaluate.continual import ContinualReport
 from everseg.learn import load_config
 from everseg.learn.continual import run_scenario, untrained_domain_miou
 
-STRATEGIES = ["finetune", "ewc", "mas", "weighting", "replay", "lwf", "ilt", "mib", "plop", "mer+replay",
+STRATEGIES = ["finetune", "ewc", "mas", "weighting", "replay", "lwf", "ilt", "mib", "plop", "mer", "reptile+replay",
               "plop+replay", "mib+replay"]
 PROTOCOLS = ["camvid-6-5", "camvid-6-1", "camvid-domains"]
 JOINT_FROM = {"camvid-6-1": "camvid-6-5"}  # same last-step images and classes: one joint serves both

@@ -122,6 +122,9 @@ DatasetOpt = Annotated[Optional[str], typer.Option(
 SetOpt = Annotated[list[str], typer.Option("--set", help="Override a config field: section.field=value (repeatable)")]
 ProgressOpt = Annotated[bool, typer.Option(help="Show progress")]
 MemoryOpt = Annotated[int, typer.Option(min=0, help="Replay memory budget (images)")]
+NprocOpt = Annotated[Optional[int], typer.Option(
+    min=1, help="Train data-parallel in N processes on this machine (runs torchrun; one per GPU, "
+                "or CPU cores shared out)")]
 OverwriteOpt = Annotated[bool, typer.Option(help="Replace the run already in --out")]
 ThreadsOpt = Annotated[Optional[int], typer.Option(
     min=1, help="Torch threads (default: one per core; fewer is faster when other work shares the machine)")]
@@ -133,7 +136,7 @@ CropOpt = Annotated[Optional[str], typer.Option(help="Sliding-window tile HxW, e
 ModeOpt = Annotated[str, typer.Option(help="whole | slide")]
 ParamOpt = Annotated[list[str], typer.Option(
     "--param", help="Strategy hyper-parameter STRATEGY.NAME=VALUE, e.g. lwf.weight=5 (repeatable)")]
-STRATEGY_HELP = ("finetune, ewc, mas, weighting, replay, lwf, ilt, mib, plop, mer, ewf or a '+' combination such "
+STRATEGY_HELP = ("finetune, ewc, mas, weighting, replay, lwf, ilt, mib, plop, mer, reptile, ewf or a '+' combination such "
                  "as plop+replay or mib+ewf")
 
 
@@ -226,9 +229,7 @@ def train(
     resume: Annotated[bool, typer.Option(help="Continue the interrupted run in --out")] = False,
     overwrite: OverwriteOpt = False,
     device: DeviceOpt = None,
-    nproc: Annotated[Optional[int], typer.Option(
-        min=1, help="Train data-parallel in N processes on this machine (runs torchrun; one per GPU, "
-                    "or CPU cores shared out)")] = None,
+    nproc: NprocOpt = None,
     set_: SetOpt = [],
     progress: ProgressOpt = True,
 ) -> None:
@@ -544,12 +545,17 @@ def learn(
     memory_size: MemoryOpt = 20,
     param: ParamOpt = [],
     device: DeviceOpt = None,
+    nproc: NprocOpt = None,
     set_: SetOpt = [],
     overwrite: OverwriteOpt = False,
+    resume: Annotated[bool, typer.Option(help="Go on with the interrupted run in --out")] = False,
     progress: ProgressOpt = True,
 ) -> None:
     """Teach an existing model new classes or new data; the new model records its parent."""
     from everseg.workflows import DataSource, parse_class_names, resolve_model_dir, teach
+
+    if nproc is not None and nproc > 1:
+        raise typer.Exit(_torchrun(nproc))
 
     names = parse_class_names(new_classes) if new_classes is not None else None
     if minutes is not None and not 0 < minutes < float("inf"):
@@ -559,7 +565,9 @@ def learn(
                    test_split=test_split, config=_continual_config(config, set_, epochs, device), epochs=epochs,
                    minutes=minutes,
                    memory_size=memory_size, params=_strategy_params(param), base_data=source,
-                   overwrite=overwrite, progress=progress)
+                   overwrite=overwrite, resume=resume, progress=progress)
+    if not _main_process():
+        return  # under torchrun process 0 reports for all
     report.print_table(Console(soft_wrap=True, emoji=False))
     console.print(f"new model: {out / 'model'} (parent: {resolve_model_dir(model).resolve()})")
 
@@ -585,12 +593,18 @@ def scenario_run(
     memory_size: MemoryOpt = 20,
     param: ParamOpt = [],
     device: DeviceOpt = None,
+    nproc: NprocOpt = None,
     set_: SetOpt = [],
     overwrite: OverwriteOpt = False,
+    resume: Annotated[bool, typer.Option(
+        help="Go on with the interrupted run in --out: finished steps are kept")] = False,
     progress: ProgressOpt = True,
 ) -> None:
     """Run every step of a scenario with a strategy and write the continual metrics."""
     from everseg.workflows import run_named_scenario
+
+    if nproc is not None and nproc > 1:
+        raise typer.Exit(_torchrun(nproc))
 
     if step_minutes is not None and not 0 < step_minutes < float("inf"):
         raise ValueError(f"--step-minutes {step_minutes}: must be a positive number")
@@ -598,7 +612,9 @@ def scenario_run(
                                 dataset=dataset, config=_continual_config(config, set_, epochs, device),
                                 step_epochs=step_epochs, step_minutes=step_minutes, base_model=base_model,
                                 memory_size=memory_size, params=_strategy_params(param), overwrite=overwrite,
-                                progress=progress)
+                                resume=resume, progress=progress)
+    if not _main_process():
+        return  # under torchrun process 0 reports for all
     report.print_table(Console(soft_wrap=True, emoji=False))
     console.print(f"results: {out / 'results.json'}, {out / 'results.md'}, {out / 'iou_across_steps.png'}")
 

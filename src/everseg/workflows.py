@@ -317,21 +317,19 @@ def recorded_training_data(model: torch.nn.Module) -> DataSource | None:
 
 def starting_memory(model_dir: Path, model: torch.nn.Module, *, budget: int, seed: int = 0,
                     base_data: DataSource | None = None) -> Any:
-    """The replay memory a step from ``model`` starts with.
+    """The replay memory a step from ``model`` starts with, when replay cannot find it itself.
 
-    The model's stored memory when it has one; else one filled from the data it learned
-    from (``base_data``, or what its metadata records); else an empty one, with a warning:
-    replay can then only rehearse the new images, not what the model knew.
+    None when the model has a stored memory and ``base_data`` is not given: replay loads the
+    stored one (:class:`~everseg.learn.strategies.Replay`). Else one filled from the data the
+    model learned from (``base_data``, or what its metadata records); else an empty one, with
+    a warning: replay can then only rehearse the new images, not what the model knew.
     """
     from everseg.data.scenarios import align_labels
     from everseg.learn.memory import ReplayMemory
 
-    stored = model_dir / "memory"
-    if base_data is None and (stored / "memory.json").is_file():
-        memory = ReplayMemory.load(stored)
-        memory.budget = budget
-        log.info("replay: rehearsing the %d images stored with %s", len(memory), model_dir)
-        return memory
+    if base_data is None and (model_dir / "memory" / "memory.json").is_file():
+        log.info("replay: rehearsing the images stored with %s", model_dir)
+        return None
     memory = ReplayMemory(budget, policy="class_balanced", seed=seed)
     source = base_data or recorded_training_data(model)
     if source is None:
@@ -350,7 +348,7 @@ def teach(model: str | Path, data: str | Path, out: str | Path, *, new_classes: 
           strategy: str | None = None, dataset: str | None = None, split: str = "train", test_split: str = "test",
           config: Any = None, epochs: int | None = None, minutes: float | None = None, memory_size: int = 20,
           params: Mapping[str, Any] | None = None, base_data: DataSource | None = None,
-          overwrite: bool = False, progress: bool = True) -> Any:
+          overwrite: bool = False, resume: bool = False, progress: bool = True) -> Any:
     """Teach an existing model new classes (``new_classes``) or new data of its classes.
 
     ``epochs`` and ``minutes`` budget the step; with neither, it gets a tenth of the time the
@@ -365,16 +363,17 @@ def teach(model: str | Path, data: str | Path, out: str | Path, *, new_classes: 
     from everseg.learn import load_config
     from everseg.learn.continual import class_incremental_spec, domain_spec, run_scenario
     from everseg.learn.rundir import claim_run_folder
-    from everseg.learn.strategies import build_strategies, default_strategy
+    from everseg.learn.strategies import build_strategies, default_strategy, with_memory_size
 
     model_dir = resolve_model_dir(model).resolve()
-    claim_run_folder(out, overwrite=overwrite, protect=[model_dir])
+    if not resume:  # run_scenario checks a resumed folder
+        claim_run_folder(out, overwrite=overwrite, protect=[model_dir])
     base = load_trained_model(model_dir)
     cfg = config if config is not None else load_config(None, {"data.val_split": None})
     cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={
         "arch": base.config.arch, "backbone": base.config.backbone, "output_stride": base.config.output_stride})})
     strategy = strategy or default_strategy(bool(new_classes))
-    strategies = build_strategies(strategy, params)
+    strategies = build_strategies(strategy, with_memory_size(strategy, params, memory_size))
     pool = open_dataset(data, dataset=dataset, split=split)
     test = open_dataset(data, dataset=dataset, split=test_split)
     if new_classes:
@@ -383,12 +382,12 @@ def teach(model: str | Path, data: str | Path, out: str | Path, *, new_classes: 
         spec = domain_spec()
         pool, test = align_labels(pool, base.label_space), align_labels(test, base.label_space)
     scenario = build_scenario(spec, pool, test, base_trained=True)
-    memory = None
-    if any(s.uses_memory for s in strategies):
-        memory = starting_memory(model_dir, base, budget=memory_size, seed=cfg.train.seed, base_data=base_data)
-    return run_scenario(scenario, strategies, cfg, out, base_model=model_dir, memory=memory,
+    for s in strategies:
+        if s.uses_memory:
+            s.memory = starting_memory(model_dir, base, budget=s.memory_size, seed=cfg.train.seed, base_data=base_data)
+    return run_scenario(scenario, strategies, cfg, out, base_model=model_dir,
                         step_epochs=epochs, step_minutes=minutes, progress=progress, overwrite=overwrite,
-                        name=strategy)
+                        resume=resume, name=strategy)
 
 
 def run_named_scenario(data: str | Path, out: str | Path, *, protocol: str | None = None,
@@ -396,8 +395,9 @@ def run_named_scenario(data: str | Path, out: str | Path, *, protocol: str | Non
                        dataset: str | None = None, config: Any = None, step_epochs: int | None = None,
                        step_minutes: float | None = None, base_model: str | Path | None = None,
                        memory_size: int = 20, params: Mapping[str, Any] | None = None,
-                       overwrite: bool = False, progress: bool = True) -> Any:
-    """Run a built-in ``protocol`` or a ``scenario`` YAML file on ``data`` with ``strategy``."""
+                       overwrite: bool = False, resume: bool = False, progress: bool = True) -> Any:
+    """Run a built-in ``protocol`` or a ``scenario`` YAML file on ``data`` with ``strategy``
+    (``resume``: go on with the interrupted run in ``out``)."""
     from everseg.data import open_dataset
     from everseg.data.protocols import get_protocol
     from everseg.data.scenarios import ScenarioSpec, build_scenario
@@ -409,7 +409,8 @@ def run_named_scenario(data: str | Path, out: str | Path, *, protocol: str | Non
     if (protocol is None) == (scenario is None):
         raise ValueError("give exactly one of --protocol and --scenario")
     base_dir = resolve_model_dir(base_model).resolve() if base_model is not None else None
-    claim_run_folder(out, overwrite=overwrite, protect=[base_dir] if base_dir else ())
+    if not resume:  # run_scenario checks a resumed folder
+        claim_run_folder(out, overwrite=overwrite, protect=[base_dir] if base_dir else ())
     spec = get_protocol(protocol) if protocol else ScenarioSpec.from_yaml(scenario)
     kind = dataset or spec.dataset
     pool = open_dataset(data, dataset=kind, split=spec.train_split)
@@ -420,7 +421,7 @@ def run_named_scenario(data: str | Path, out: str | Path, *, protocol: str | Non
     strategy = strategy or default_strategy(spec.kind == "class")
     return run_scenario(sc, strategy, cfg, out, step_epochs=step_epochs, step_minutes=step_minutes,
                         base_model=base_dir, params=params, memory_size=memory_size, progress=progress,
-                        overwrite=overwrite)
+                        overwrite=overwrite, resume=resume)
 
 
 # ---------------------------------------------------------------------------- the demo

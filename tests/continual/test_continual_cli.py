@@ -76,3 +76,49 @@ def test_scenario_run_takes_strategy_params_and_step_budget(tiny_camvid, tmp_pat
     step1 = yaml.safe_load((tmp_path / "ok" / "step1" / "config.yaml").read_text())
     # Step 1's trainer gets the step's budget less the step-0 wrap-up it reserves (the memory update).
     assert 0.45 < step1["train"]["max_minutes"] <= 0.5 and step0["train"]["max_minutes"] != 0.5
+
+
+def test_a_killed_scenario_run_resumes_where_it_stopped(tiny_camvid, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import torch
+
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(TINY)
+    run = tmp_path / "sc"
+    cmd = [sys.executable, "-m", "everseg", "scenario", "run", "--protocol", "camvid-6-5", "--strategy", "mib+replay",
+           "--data", str(tiny_camvid), "--dataset", "folder", "--out", str(run), "--config", str(cfg), "--epochs", "1",
+           "--step-epochs", "40", "--memory-size", "2", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 300
+        while not (run / "step1" / "checkpoint.pt").is_file() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        assert (run / "step1" / "checkpoint.pt").is_file(), proc.communicate()[1] if proc.poll() is not None else ""
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    killed_at = torch.load(run / "step1" / "checkpoint.pt", weights_only=False)["loop"]["epoch"]
+    assert 1 <= killed_at < 40
+    step0 = (run / "step0" / "history.json").read_bytes()
+    refused = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert refused.returncode != 0 and "--resume to continue it" in refused.stdout + refused.stderr
+    other = subprocess.run([*cmd[:cmd.index("mib+replay")], "lwf", *cmd[cmd.index("mib+replay") + 1:], "--resume"],
+                           capture_output=True, text=True, env=env)
+    assert other.returncode != 0 and "resume it with the same scenario and strategy" in other.stdout + other.stderr
+
+    resumed = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, env=env, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"{killed_at} of 40 epochs done" in resumed.stdout + resumed.stderr
+    assert (run / "step0" / "history.json").read_bytes() == step0  # the finished step is kept, not trained again
+    res = json.loads((run / "results.json").read_text())
+    assert [s["step"] for s in res["steps"]] == [0, 1]
+    assert [h["epoch"] for h in json.loads((run / "step1" / "history.json").read_text())] == list(range(40))
+    assert (run / "model" / "memory" / "memory.json").is_file()

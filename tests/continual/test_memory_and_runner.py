@@ -64,6 +64,73 @@ def test_reservoir_memory_respects_budget_and_is_uniform(designed):
     assert all(abs(c / 200 - 1 / 3) < 0.12 for c in counts.values()), counts
 
 
+def test_a_memory_takes_its_own_storage_policy(designed):
+    from everseg.learn.memory import StoragePolicy
+
+    class FirstImages(StoragePolicy):
+        name = "first"
+
+        def update(self, memory, dataset, step):
+            from everseg.learn.memory import _item
+
+            while len(memory.items) < min(memory.budget, len(dataset)):
+                memory.items.append(_item(dataset, len(memory.items), step))
+
+    mem = ReplayMemory(2, policy=FirstImages())
+    mem.update(designed, step=0)
+    assert [it.stem for it in mem.items] == [designed.samples[0].stem, designed.samples[1].stem]
+    with pytest.raises(ValueError, match="unknown memory policy 'newest'; choose reservoir or class_balanced"):
+        ReplayMemory(2, policy="newest")
+
+
+def test_replay_owns_its_memory_from_base_to_saved_model(designed, tmp_path):
+    """Replay loads the base model's memory, fills one from what the base learned when it has
+    none, offers each trained step's images, and saves the memory beside every model."""
+    from types import SimpleNamespace
+
+    from everseg.learn.strategies import Replay, RunStart
+
+    stored = ReplayMemory(2, policy="reservoir")
+    stored.update(designed.subset([0, 1]), step=0)
+    stored.save(tmp_path / "base" / "memory")
+    replay = Replay(memory_size=4)
+    replay.begin_run(RunStart(base_model=tmp_path / "base", seed=0))
+    assert [it.stem for it in replay.memory.items] == [it.stem for it in stored.items]
+    assert replay.memory.budget == 4  # the run's budget, not the stored one
+    replay.learned_elsewhere(SimpleNamespace(step=SimpleNamespace(train=designed), step_index=0))
+    assert len(replay.memory) == 2  # the stored memory already holds what the base learned from
+
+    bare = Replay(memory_size=3, memory_policy="reservoir")
+    bare.begin_run(RunStart(base_model=tmp_path / "no-memory-here", seed=0))
+    assert len(bare.memory) == 0 and bare.memory.policy.name == "reservoir"
+    bare.learned_elsewhere(SimpleNamespace(step=SimpleNamespace(train=designed.subset([0, 1])), step_index=0))
+    assert {it.step for it in bare.memory.items} == {0} and len(bare.memory) == 2
+    bare.end_step(SimpleNamespace(step=SimpleNamespace(train=designed.subset([2, 3, 4])), step_index=1), None)
+    assert len(bare.memory) == 3 and bare.memory.seen == 5
+    bare.save(tmp_path / "step1" / "model")
+    assert len(ReplayMemory.load(tmp_path / "step1" / "model" / "memory")) == 3
+
+    given = ReplayMemory(5, policy="class_balanced")
+    caller = Replay()
+    caller.memory = given  # learn fills it from the data the model learned from
+    caller.begin_run(RunStart(base_model=tmp_path / "base", seed=0))
+    assert caller.memory is given
+
+
+@pytest.mark.parametrize("spec, reason", [("finetune+replay", "finetune plus a method is that method"),
+                                          ("mib+joint", "joint retrains on all the data"),
+                                          ("joint+finetune", "is used alone")])
+def test_the_bounds_are_strategies_used_alone(spec, reason):
+    from everseg.learn.strategies import Finetune, Joint, build_strategies
+
+    (joint,), (finetune,) = build_strategies("joint"), build_strategies("finetune")
+    assert isinstance(joint, Joint) and joint.retrains and isinstance(finetune, Finetune) and not finetune.retrains
+    with pytest.raises(ValueError, match=reason):
+        build_strategies(spec)
+    with pytest.raises(ValueError, match="joint has no hyper-parameters"):
+        build_strategies("joint", {"replay.fraction": 1.0})
+
+
 def tiny_cfg(**over):
     base = {"data.crop_size": [48, 64], "data.scale": [0.9, 1.1], "model.pretrained": False, "train.epochs": 1,
             "train.batch_size": 4, "train.bf16": "off", "data.val_split": None, "optim.lr": 0.02}
@@ -79,7 +146,7 @@ def tiny_scenario(tiny_camvid):
 
 
 @pytest.mark.parametrize("strategy", ["finetune", "mib", "plop+replay", "joint", "lwf+ewc", "ilt+mas+weighting",
-                                      "mer+replay"])
+                                      "mer", "reptile+replay"])
 @pytest.mark.slow
 def test_runner_writes_results_and_lineage(tiny_scenario, tmp_path, strategy):
     report = run_scenario(tiny_scenario, strategy, tiny_cfg(), tmp_path / "run", progress=False, memory_size=3)
@@ -93,7 +160,7 @@ def test_runner_writes_results_and_lineage(tiny_scenario, tmp_path, strategy):
     final = load_model(tmp_path / "run" / "step1" / "model")
     assert final.label_space.names == tiny_scenario.final_label_space.names
     assert final.metadata["parent"].endswith("step0/model") and final.metadata["strategy"] == strategy
-    if "replay" in strategy:
+    if "replay" in strategy or strategy == "mer":
         assert json.loads((tmp_path / "run" / "step1" / "model" / "memory" / "memory.json").read_text())["items"]
     assert report.steps[1].images_seen > 0
 
@@ -207,8 +274,9 @@ def test_replay_ignores_background_of_images_stored_before_new_classes(tiny_scen
     trainer = Trainer(model, step.train.with_transform(None), None, tiny_cfg(), tmp_path, progress=False,
                       write_run=False)
     replay = Replay(fraction=1.0, stale_background=stale_background)
+    replay.memory = memory
     replay.begin_step(ContinualContext(step=step, step_index=1, old_model=None,
-                                       old_num_classes=base.label_space.num_classes, memory=memory))
+                                       old_num_classes=base.label_space.num_classes))
     image, mask = step.train.decoded(0)
     batch = Batch(image=torch.from_numpy(image).permute(2, 0, 1)[None].float(),
                   mask=torch.from_numpy(mask)[None].long(), stems=["x"])
@@ -225,7 +293,7 @@ def test_replay_ignores_background_of_images_stored_before_new_classes(tiny_scen
     import dataclasses
 
     replay.begin_step(ContinualContext(step=dataclasses.replace(step, new_classes=()), step_index=1, old_model=None,
-                                       old_num_classes=0, memory=memory))
+                                       old_num_classes=0))
     assert not replay._background_is_stale(0)
 
 
@@ -264,11 +332,12 @@ def test_replay_class_weights_count_the_memory_as_often_as_it_is_replayed(tiny_s
     cfg = tiny_cfg(**{"loss.class_weights": "median_frequency", "loss.max_class_weight": 1000.0})
     train = step.train.with_transform(None)
     default = Replay(fraction=0.5)
+    default.memory = memory
     default.begin_step(ContinualContext(step=step, step_index=1, old_model=model,
-                                        old_num_classes=base.label_space.num_classes, memory=memory))
+                                        old_num_classes=base.label_space.num_classes))
     replay, mib = Replay(fraction=0.5, memory_in_weights=True), MiB()
-    ctx = ContinualContext(step=step, step_index=1, old_model=model, old_num_classes=base.label_space.num_classes,
-                           memory=memory)
+    replay.memory = memory
+    ctx = ContinualContext(step=step, step_index=1, old_model=model, old_num_classes=base.label_space.num_classes)
     for s in (replay, mib):
         s.begin_step(ctx)
     trainer = Trainer(model, train, None, cfg, tmp_path, progress=False, write_run=False, plugins=[replay, mib])

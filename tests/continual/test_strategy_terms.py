@@ -13,7 +13,7 @@ from everseg.learn.strategies import build_strategies
 from everseg.learn.strategies.distillation import output_distillation
 from everseg.learn.losses import LossShape, SegmentationLoss
 from everseg.learn.strategies.importance import EWC, MAS, per_sample_weights
-from everseg.learn.strategies.mer import MetaReplay
+from everseg.learn.strategies.mer import Reptile
 from everseg.learn.strategies.mib import unbiased_distillation
 from everseg.learn.strategies.plop import local_pod_loss, normalized_entropy, pod_embedding, pseudo_label
 
@@ -186,14 +186,14 @@ def test_sample_weighting_keeps_the_runs_class_weights():
     assert got.item() == pytest.approx(expected, rel=1e-6)
 
 
-def test_mer_pulls_weights_back_towards_round_start():
+def test_reptile_pulls_weights_back_towards_round_start():
     class FakeTrainer:
         def __init__(self):
             self.model = Tiny()
             self.global_step = 0
 
     tr = FakeTrainer()
-    mer = MetaReplay(inner_steps=2, beta=0.5)
+    mer = Reptile(inner_steps=2, beta=0.5)
     mer.on_fit_start(tr)
     start = [p.detach().clone() for p in tr.model.parameters()]
     with torch.no_grad():
@@ -208,9 +208,47 @@ def test_mer_pulls_weights_back_towards_round_start():
         torch.testing.assert_close(p, p0 + 0.5)
 
 
+def test_mer_takes_per_image_steps_over_memory_and_meta_updates_as_published():
+    """MER's Algorithm 1 on arithmetic: every optimiser step adds 1 to each weight, so where the
+    weights end says which steps ran and which meta-updates pulled them back."""
+    from everseg.learn.plugins import Batch
+    from everseg.learn.strategies.mer import MetaExperienceReplay
+
+    steps = []
+
+    class FakeTrainer:
+        def __init__(self):
+            self.model = Tiny()
+
+        def nested_step(self, batch):
+            steps.append(batch.stems[0])
+            with torch.no_grad():
+                for p in self.model.parameters():
+                    p.add_(1.0)
+
+    tr = FakeTrainer()
+    mer = MetaExperienceReplay(batches=2, memory_per_batch=3, beta=0.5, gamma=0.5)
+    mer.memory = ["stored"]  # not empty
+    mer.memory_batch = lambda trainer, k, size: Batch(torch.zeros(k, 3, 4, 4), torch.zeros(k, 4, 4).long(), ["m"] * k)
+    start = [p.detach().clone() for p in tr.model.parameters()]
+    incoming = Batch(torch.zeros(1, 3, 4, 4), torch.zeros(1, 4, 4).long(), ["x"])
+    mer.before_forward(tr, incoming)
+    # batch 1: three stored images one at a time, then the incoming one; batch 2: three stored
+    # images, the incoming one left to the loop's own step
+    assert steps == ["m", "m", "m", "x", "m", "m", "m"] and mer.inner_steps == 7
+    tr.nested_step(incoming)  # the loop's step
+    mer.after_step(tr, incoming, None)
+    # batch 1: +4 -> within-batch 0.5 -> +2; batch 2: +4 more -> 2 + 0.5 * 4 = +4; across-batch 0.5 -> +2
+    for p, p0 in zip(tr.model.parameters(), start):
+        torch.testing.assert_close(p, p0 + 2.0)
+
+
 def test_strategy_names_compose():
     assert [s.name for s in build_strategies("plop+replay")] == ["replay", "plop"]
-    assert build_strategies("finetune") == [] and build_strategies("joint") == []
+    assert [s.name for s in build_strategies("finetune")] == ["finetune"]
+    assert [s.name for s in build_strategies("plop+mer")] == ["mer", "plop"]
+    with pytest.raises(ValueError, match="mer replays from its own memory"):
+        build_strategies("mer+replay")
     with pytest.raises(ValueError, match="unknown"):
         build_strategies("mib+magic")
 

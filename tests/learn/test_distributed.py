@@ -6,7 +6,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -116,10 +115,43 @@ def test_the_global_batch_must_split_over_the_processes(tiny_camvid, recipe, tmp
     assert not (tmp_path / "odd" / "checkpoint.pt").exists()
 
 
-def test_learn_says_it_does_not_run_under_torchrun(tiny_camvid, tmp_path, monkeypatch):
-    from everseg.learn import continual
+@pytest.mark.slow
+def test_a_scenario_and_learn_run_data_parallel(tiny_camvid, recipe, tmp_path):
+    """Every step trains in 2 processes; process 0 alone writes the run and evaluates, and its
+    numbers are those of the saved models."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cli = [sys.executable, "-m", "everseg"]
+    run = tmp_path / "sc"
+    r = subprocess.run(cli + ["scenario", "run", "--protocol", "camvid-6-5", "--strategy", "mib+replay", "--data",
+                              str(tiny_camvid), "--dataset", "folder", "--out", str(run), "--config", str(recipe),
+                              "--epochs", "2", "--step-epochs", "1", "--memory-size", "2", "--no-progress",
+                              "--nproc", "2"], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert (r.stdout + r.stderr).count("results:") == 1  # process 0 reports for both
+    res = json.loads((run / "results.json").read_text())
+    assert len(res["steps"]) == 2
+    assert len(json.loads((run / "model" / "memory" / "memory.json").read_text())["items"]) == 2
+    from everseg.learn.continual import evaluate_step
+    from everseg.data.protocols import get_protocol
+    from everseg.data.scenarios import build_scenario
 
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("RANK", "0")
-    with pytest.raises(ValueError, match="without torchrun"):
-        continual.run_scenario(None, "replay", None, tmp_path / "x")
+    train = open_dataset(tiny_camvid, dataset="folder", split="train")
+    test = open_dataset(tiny_camvid, dataset="folder", split="test")
+    step1 = build_scenario(get_protocol("camvid-6-5"), train, test).steps[1]
+    class_iou, _ = evaluate_step(load_model(run / "step1" / "model"), step1, bf16=False)
+    expected = res["steps"][1]["class_iou"]
+    assert set(class_iou) == set(expected)
+    for c, v in class_iou.items():  # classes absent from the test images are None in both
+        assert (v is None) == (expected[c] is None) and (v is None or abs(v - expected[c]) < 1e-6), c
+    # Both processes trained the same schedule: each step's history is there once, per epoch.
+    assert len(json.loads((run / "step0" / "history.json").read_text())) == 2
+    assert len(json.loads((run / "step1" / "history.json").read_text())) == 1
+
+    r = subprocess.run(cli + ["learn", "--model", str(run / "step0" / "model"), "--data", str(tiny_camvid),
+                              "--dataset", "folder", "--new-classes", "Pole", "--strategy", "replay",
+                              "--out", str(tmp_path / "learned"), "--config", str(recipe), "--epochs", "1",
+                              "--memory-size", "2", "--no-progress", "--nproc", "2"],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert (r.stdout + r.stderr).count("new model:") == 1
+    assert load_model(tmp_path / "learned" / "model").label_space.names[-1] == "Pole"

@@ -21,11 +21,10 @@ from everseg.data.scenarios import Scenario, ScenarioSpec, Step
 from everseg.devices import choose_precision, resolve_device
 from everseg.evaluate.continual import ContinualReport, StepRecord
 from everseg.learn.config import RunConfig
-from everseg.learn.memory import ReplayMemory
 from everseg.learn.rundir import claim_run_folder, clear_run_folder
 from everseg.learn.run import finetune_plugins, training_augmentation
-from everseg.learn.strategies import Strategy, build_strategies
-from everseg.learn.strategies.base import ContinualContext
+from everseg.learn.strategies import Strategy, build_strategies, with_memory_size
+from everseg.learn.strategies.base import ContinualContext, RunStart
 from everseg.learn.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -74,8 +73,13 @@ def evaluate_step(model: nn.Module, step: Step, bf16: bool) -> tuple[dict[str, f
     def scored_iou(iou) -> dict[str, float | None]:
         return {names[i]: (None if iou[i] != iou[i] else float(iou[i])) for i in scored}
 
+    from everseg.learn.distributed import current_world
+
+    world = current_world()
     total = None
     for view_name, view in step.tests.items():
+        if world is not None:  # under torchrun each process scores its share; evaluate sums the counts
+            view = view.subset(list(range(world.rank, len(view), world.size)))
         metrics = evaluate(model, view, autocast_bf16=bf16, channels_last=True, progress=False).metrics
         vals = [v for v in scored_iou(metrics.iou).values() if v is not None]
         domain_miou[view_name] = sum(vals) / len(vals) if vals else None
@@ -95,10 +99,10 @@ def untrained_domain_miou(scenario: Scenario, cfg: RunConfig, bf16: bool = False
 def run_scenario(scenario: Scenario, strategy: str | Sequence[Strategy], cfg: RunConfig, out_dir: str | Path, *,
                  step_epochs: int | None = None, step_minutes: float | None = None,
                  base_model: str | Path | None = None, params: Mapping[str, Any] | None = None,
-                 memory_size: int = 20, memory_policy: str = "class_balanced",
-                 memory: ReplayMemory | None = None, overwrite: bool = False, name: str | None = None,
-                 progress: bool = True) -> ContinualReport:
-    """Train and test every step of ``scenario``; ``strategy`` is e.g. ``"mib"`` or ``"plop+replay"``.
+                 memory_size: int | None = None, overwrite: bool = False, resume: bool = False,
+                 name: str | None = None, progress: bool = True) -> ContinualReport:
+    """Train and test every step of ``scenario``; ``strategy`` is e.g. ``"mib"`` or ``"plop+replay"``
+    (or the strategies themselves, e.g. a Replay whose ``memory`` the caller filled).
 
     ``cfg`` gives the model, optimiser and augmentation; step 0 trains ``cfg.train.epochs``
     epochs, later steps ``step_epochs`` (default: the same) within ``step_minutes`` of wall
@@ -107,152 +111,237 @@ def run_scenario(scenario: Scenario, strategy: str | Sequence[Strategy], cfg: Ru
     learn (step 0's, or what ``base_model`` records), at least a minute
     (:func:`default_step_minutes`); without such a record, ``cfg.train.max_minutes``. The budget is the whole step's:
     the strategies' set-up counts against it, and their wrap-up after training (importance
-    passes, memory update) is reserved from it as much as the previous step's took. ``joint``
-    retrains every step with step 0's epochs and budget. ``base_model`` is a model folder that
-    already learned step 0 (its classes must be step 0's): step 0 is then evaluated, not
-    trained, so strategies can share one base. ``params`` sets strategy
-    hyper-parameters by name, e.g. ``{"plop.pod_weight": 0.02}``.
+    passes, memory update) is reserved from it as much as the previous step's took. A
+    strategy that ``retrains`` (joint) trains every step with step 0's epochs and budget.
+    ``base_model`` is a model folder that already learned step 0 (its classes must be step 0's):
+    step 0 is then evaluated, not trained, so strategies can share one base. ``params`` sets
+    strategy hyper-parameters by name, e.g. ``{"plop.pod_weight": 0.02}``; ``memory_size`` is
+    replay's ``replay.memory_size`` when the strategy replays.
 
-    ``memory``: the replay memory to start from (default: the base model's stored one, else
-    a new one that a base model's step 0 fills from step 0's images). ``out_dir`` must be
-    new or empty, or hold a run and ``overwrite`` be set; it must not hold ``base_model``.
-    ``name``: the strategy's name in the report (default: from ``strategy``).
+    The strategies keep their own state across steps (replay its memory:
+    :mod:`everseg.learn.strategies.base` lists the hooks). ``out_dir`` must be new or empty,
+    or hold a run and ``overwrite`` be set; it must not hold ``base_model``. ``resume``: go on
+    with the interrupted run in ``out_dir`` (the same scenario and strategy): finished steps are
+    kept, the interrupted one continues from its last checkpoint with its own config. Strategies
+    start again from the last finished step's model folder as from a base model (replay from the
+    memory saved there; EWC and MAS measure importance on it again). ``name``: the strategy's
+    name in the report (default: from ``strategy``).
     """
-    from everseg.models import load_model, save_model
+    from everseg.learn import distributed
 
-    from everseg.learn.distributed import launched_by_torchrun
-
-    if launched_by_torchrun():
-        raise ValueError("learn and scenario run train in one process for now: run them without torchrun "
-                         "(everseg train is the command that runs data-parallel)")
     out = Path(out_dir)
     device = resolve_device(cfg.train.device)  # a missing GPU is refused before the run folder is touched
+    world = distributed.init_from_environment(cfg.train.device)
+    try:
+        return _run_steps(scenario, strategy, cfg, out, device, world, step_epochs=step_epochs,
+                          step_minutes=step_minutes, base_model=base_model, params=params,
+                          memory_size=memory_size, overwrite=overwrite, resume=resume, name=name,
+                          progress=progress)
+    finally:
+        if world is not None:
+            distributed.shutdown()
+
+
+def _run_steps(scenario: Scenario, strategy: str | Sequence[Strategy], cfg: RunConfig, out: Path,
+               device: torch.device, world, *, step_epochs: int | None, step_minutes: float | None,
+               base_model: str | Path | None, params: Mapping[str, Any] | None, memory_size: int | None,
+               overwrite: bool, resume: bool, name: str | None, progress: bool) -> ContinualReport:
+    """run_scenario's steps. Under torchrun every process trains and tests every step on its
+    share of the data (the Trainer's DDP; the test counts summed), and process 0 alone writes."""
+    from everseg.learn import distributed
+
+    main = world is None or world.main
     base_model = None if base_model is None else Path(base_model).resolve()
-    clear = claim_run_folder(out, overwrite=overwrite, protect=[base_model] if base_model else ())
     if name is None:
         name = strategy if isinstance(strategy, str) else "+".join(s.name for s in strategy)
-    strategies = build_strategies(strategy, params) if isinstance(strategy, str) else list(strategy)
-    joint = name == "joint"
-    fill_from_step0 = False
-    if memory is None and any(s.uses_memory for s in strategies):
-        stored = None if base_model is None else base_model / "memory"
-        if stored is not None and (stored / "memory.json").is_file():
-            memory = ReplayMemory.load(stored)  # the base model's own memory: replay what it learned from
-            memory.budget = memory_size
-        else:
-            memory = ReplayMemory(memory_size, policy=memory_policy, seed=cfg.train.seed)
-            fill_from_step0 = True
+    done = _finished_steps(out, scenario, name, base_model, overwrite) if resume else []
+    # Process 0 alone judges and clears the folder: the others would see its files appear.
+    clear = (claim_run_folder(out, overwrite=overwrite, protect=[base_model] if base_model else ())
+             if main and not resume else False)
+    strategies = (build_strategies(strategy, with_memory_size(strategy, params, memory_size))
+                  if isinstance(strategy, str) else list(strategy))
+    retrains = any(s.retrains for s in strategies)
+    # A resumed run continues from its last finished step as from a base model.
+    start_from = _step_model_dir(out, done[-1].step, base_model) if done else base_model
+    for s in strategies:
+        s.begin_run(RunStart(base_model=start_from, seed=cfg.train.seed))
     if clear:
         clear_run_folder(out)
-    head_init = "background" if any(s.head_init == "background" for s in strategies) else "random"
+    distributed.barrier()
     bf16 = choose_precision(device, cfg.train.bf16).dtype == torch.bfloat16
-    augment = training_augmentation(cfg)
-
-    sc_kind = scenario.spec.kind
-    final_ls = scenario.final_label_space
-    scored = [final_ls.names[i] for i in scenario.steps[-1].scored_ids]
-    report = ContinualReport(scenario=scenario.spec.name, strategy=name, kind=sc_kind, classes=scored,
-                             taught_at={c: final_ls.taught_at[final_ls.index(c)] for c in scored},
-                             domains=list(scenario.steps[0].tests) if sc_kind == "domain" else [])
-    if sc_kind == "domain":
-        groups = {d: scenario.spec.test_domains.get(d) for d in report.domains}
-        report.learned_at = {d: next((k for k, st in enumerate(scenario.spec.steps) if st.images == g), 0)
-                             for d, g in groups.items()}
+    report = _new_report(scenario, name)
+    if done:
+        report.initial_domain_miou = ContinualReport.load(out).initial_domain_miou
     model: nn.Module | None = None
     parent_dir: str | None = None
-    # What the last step spent after training (strategies' end_step, memory update): reserved
-    # from the next step's training budget, so that a whole step stays within step_minutes.
+    # What the last step spent after training (strategies' end_step): reserved from the next
+    # step's training budget, so that a whole step stays within step_minutes.
     wrap_up = 0.0
     reference: float | None = None  # seconds the base took to learn: the default budget of later steps
+    augment = training_augmentation(cfg)
     for step in scenario.steps:
         t = step.index
-        step_dir = out / f"step{t}"
-        later = t > 0 and not joint
-        epochs = step_epochs if later and step_epochs is not None else cfg.train.epochs
-        budget = step_minutes
-        if later and budget is None and step_epochs is None and reference:
-            budget = default_step_minutes(reference)
-            if t == 1:
-                log.info("each later step trains within %.1f minutes, a tenth of the %.1f the base took to learn "
-                         "(--step-minutes or --step-epochs to choose)", budget, reference / 60)
-        if later and budget is not None:
-            minutes = max(budget / 2, budget - wrap_up / 60)
-        else:
-            minutes = cfg.train.max_minutes
-        step_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": epochs,
-                                                                                "max_minutes": minutes})})
-        old_model = None if model is None else _frozen_copy(model)
-        if t == 0 and sc_kind == "domain" and base_model is None:
+        previous = model
+        old_model = None if previous is None or retrains else _frozen_copy(previous)
+        ctx = ContinualContext(step=step, step_index=t, old_model=old_model,
+                               old_num_classes=0 if old_model is None else old_model.num_classes)
+        if t < len(done):  # finished before the run was interrupted
+            model_dir = _step_model_dir(out, t, base_model)
+            model = _load_base(model_dir, step)
+            reference = (getattr(model, "metadata", None) or {}).get("train_seconds")
+            parent_dir = str(model_dir.resolve())
+            report.steps.append(done[t])
+            continue
+        if t == 0 and scenario.spec.kind == "domain" and base_model is None:
             report.initial_domain_miou = untrained_domain_miou(scenario, cfg, bf16)
         if t == 0 and base_model is not None:
-            model = load_model(base_model)
+            model = _load_base(base_model, step)
             reference = (getattr(model, "metadata", None) or {}).get("train_seconds")
-            if model.label_space.names != step.label_space.names:
-                raise ValueError(f"{base_model}: its classes {list(model.label_space.names)} are not step 0's "
-                                 f"{list(step.label_space.names)}")
+            for s in strategies:
+                s.learned_elsewhere(ctx)
             seconds, seen = 0.0, 0
-            if fill_from_step0:
-                # A base trained without a memory: fill it from the images the base learned from,
-                # which a scenario has in its step 0 (``learn`` passes the memory it found instead).
-                memory.update(step.train, step=0)
-        else:
-            # Seeded before the model is built: a new head's initial weights are part of the run.
-            torch.manual_seed(cfg.train.seed + t)
-            if joint or model is None:
-                model = _new_model(cfg, step)  # joint retrains from the pretrained backbone each step
-            elif step.label_space.num_classes > model.num_classes:
-                model = copy.deepcopy(model)
-                model.grow_classifier(step.label_space, init=head_init)
-            else:
-                model = copy.deepcopy(model)
-            data = step.joint_train if joint else step.train
-            ctx = ContinualContext(step=step, step_index=t, old_model=None if joint else old_model,
-                                   old_num_classes=0 if old_model is None else old_model.num_classes,
-                                   memory=memory)
-            active = [] if joint else strategies
-            start = time.perf_counter()  # the step's cost: strategy set-up and wrap-up included
-            for s in active:
-                s.begin_step(ctx)
-            trainer = Trainer(model, data.with_transform(augment), None, step_cfg, step_dir,
-                              plugins=[*finetune_plugins(cfg), *active], progress=progress)
-            # The strategies' set-up is part of what the step costs: it counts against its budget.
-            trainer.train_seconds = time.perf_counter() - start
-            fit = trainer.fit()
-            wrap_start = time.perf_counter()
-            for s in active:
-                s.end_step(ctx, trainer)
-            if memory is not None:
-                memory.update(step.train, step=t)
-            wrap_up = time.perf_counter() - wrap_start
-            seconds, seen = time.perf_counter() - start, fit.images_seen
-            if t == 0 or joint:
-                reference = seconds
-        if t == 0 and base_model is not None:
             model_dir = base_model  # learned elsewhere: the base itself is the parent of step 1
         else:
-            parent_meta = dict(getattr(old_model, "metadata", None) or {}) if old_model is not None else {}
-            lineage = list(parent_meta.get("lineage", [])) + ([parent_dir] if parent_dir else [])
-            # train_seconds stays what learning the base took: a later ``learn`` budgets from it.
-            model.metadata = {**getattr(model, "metadata", {}), "scenario": scenario.spec.name, "strategy": name,
-                              "step": t, "parent": parent_dir, "lineage": lineage, "step_seconds": seconds,
-                              **({"train_seconds": reference} if reference else {})}
-            model_dir = step_dir / "model"
-            save_model(model, model_dir)
-            if memory is not None:
-                memory.save(model_dir / "memory")  # travels with the model it belongs to
+            later = t > 0 and not retrains
+            # Budgets come from clocks: process 0's, so that every process trains the same schedule.
+            reference = distributed.from_main(reference or 0.0) or None
+            wrap_up = distributed.from_main(wrap_up)
+            step_cfg = _step_config(cfg, later, step_epochs, step_minutes, reference, wrap_up, t)
+            interrupted = resume and (out / f"step{t}" / "checkpoint.pt").is_file()
+            if interrupted:
+                # The step goes on as it began: its own config (the budget it was given) is the one.
+                from everseg.learn.config import load_config
+
+                step_cfg = load_config(out / f"step{t}" / "config.yaml", {})
+            # Seeded before the model is built: a new head's initial weights are part of the run.
+            torch.manual_seed(cfg.train.seed + t)
+            model = _step_model(cfg, step, None if retrains else previous, strategies)
+            data = step.joint_train if retrains else step.train
+            start = time.perf_counter()  # the step's cost: strategy set-up and wrap-up included
+            for s in strategies:
+                s.begin_step(ctx)
+            trainer = Trainer(model, data.with_transform(augment), None, step_cfg,
+                              out / f"step{t}", plugins=[*finetune_plugins(cfg), *strategies], progress=progress,
+                              budget_spent=time.perf_counter() - start)
+            fit = trainer.fit(resume=interrupted)
+            wrap_start = time.perf_counter()
+            for s in strategies:
+                s.end_step(ctx, trainer)
+            wrap_up = time.perf_counter() - wrap_start
+            seconds, seen = time.perf_counter() - start, fit.images_seen
+            if t == 0 or retrains:
+                reference = seconds
+            model_dir = out / f"step{t}" / "model"
+            if main:
+                _save_step_model(model, model_dir, strategies, previous, {
+                    "scenario": scenario.spec.name, "strategy": name, "step": t, "parent": parent_dir,
+                    "step_seconds": seconds, **({"train_seconds": reference} if reference else {})})
         parent_dir = str(model_dir.resolve())  # absolute: the lineage must not depend on the current folder
         class_iou, domain_miou = evaluate_step(model, step, bf16)
         names = step.label_space.names
         report.steps.append(StepRecord(
             step=t, name=step.name, seconds=seconds, images_seen=seen, class_iou=class_iou,
             old_classes=[names[i] for i in step.old_ids], new_classes=[names[i] for i in step.new_ids],
-            domain_miou=domain_miou if sc_kind == "domain" else {}))
-        report.save(out)
-    # The last step's model is the run's model: ``--model OUT`` finds it like a training run's.
-    save_model(model, out / "model")
-    if memory is not None:
-        memory.save(out / "model" / "memory")
+            domain_miou=domain_miou if scenario.spec.kind == "domain" else {}))
+        if main:
+            report.save(out)
+        distributed.barrier()
+    if main:
+        # The last step's model is the run's model: ``--model OUT`` finds it like a training run's.
+        _save_step_model(model, out / "model", strategies)
     return report
+
+
+def _step_model_dir(out: Path, t: int, base_model: Path | None) -> Path:
+    return base_model if t == 0 and base_model is not None else out / f"step{t}" / "model"
+
+
+def _finished_steps(out: Path, scenario: Scenario, name: str, base_model: Path | None,
+                    overwrite: bool) -> list[StepRecord]:
+    """The steps an interrupted run in ``out`` finished (recorded, their model saved); refuses a
+    folder that holds no run of this scenario and strategy."""
+    from everseg.learn.rundir import RunFolderError
+
+    if overwrite:
+        raise RunFolderError("--resume continues the run in --out and --overwrite replaces it: give one")
+    if not (out / "results.json").is_file():
+        if (out / "step0" / "checkpoint.pt").is_file():
+            return []  # interrupted in its first step
+        raise RunFolderError(f"--out {out} holds no interrupted scenario run to resume (no results.json or "
+                             "step0/checkpoint.pt)")
+    done = ContinualReport.load(out)
+    if done.scenario != scenario.spec.name or done.strategy != name:
+        raise RunFolderError(f"--out {out} holds a run of {done.scenario!r} with {done.strategy!r}, not "
+                             f"{scenario.spec.name!r} with {name!r}: resume it with the same scenario and strategy")
+    # A step is recorded after its model is saved: a recorded step is a finished one.
+    return [r for k, r in enumerate(done.steps) if r.step == k
+            and (_step_model_dir(out, k, base_model) / "config.json").is_file()]
+
+
+def _new_report(scenario: Scenario, name: str) -> ContinualReport:
+    kind, final_ls = scenario.spec.kind, scenario.final_label_space
+    scored = [final_ls.names[i] for i in scenario.steps[-1].scored_ids]
+    report = ContinualReport(scenario=scenario.spec.name, strategy=name, kind=kind, classes=scored,
+                             taught_at={c: final_ls.taught_at[final_ls.index(c)] for c in scored},
+                             domains=list(scenario.steps[0].tests) if kind == "domain" else [])
+    if kind == "domain":
+        groups = {d: scenario.spec.test_domains.get(d) for d in report.domains}
+        report.learned_at = {d: next((k for k, st in enumerate(scenario.spec.steps) if st.images == g), 0)
+                             for d, g in groups.items()}
+    return report
+
+
+def _step_config(cfg: RunConfig, later: bool, step_epochs: int | None, step_minutes: float | None,
+                 reference: float | None, wrap_up: float, t: int) -> RunConfig:
+    """The step's epochs and time budget: step 0's for step 0 (and every step of a retraining
+    strategy), else the later steps' budget less the previous step's wrap-up."""
+    epochs = step_epochs if later and step_epochs is not None else cfg.train.epochs
+    budget = step_minutes
+    if later and budget is None and step_epochs is None and reference:
+        budget = default_step_minutes(reference)
+        if t == 1:
+            log.info("each later step trains within %.1f minutes, a tenth of the %.1f the base took to learn "
+                     "(--step-minutes or --step-epochs to choose)", budget, reference / 60)
+    minutes = max(budget / 2, budget - wrap_up / 60) if later and budget is not None else cfg.train.max_minutes
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": epochs, "max_minutes": minutes})})
+
+
+def _load_base(base_model: Path, step: Step) -> nn.Module:
+    from everseg.models import load_model
+
+    model = load_model(base_model)
+    if model.label_space.names != step.label_space.names:
+        raise ValueError(f"{base_model}: its classes {list(model.label_space.names)} are not step 0's "
+                         f"{list(step.label_space.names)}")
+    return model
+
+
+def _step_model(cfg: RunConfig, step: Step, previous: nn.Module | None, strategies: Sequence[Strategy]) -> nn.Module:
+    """A copy of the previous step's model, its classifier grown for the step's new classes;
+    a new model from the pretrained backbone at step 0 (and every step of joint)."""
+    if previous is None:
+        return _new_model(cfg, step)
+    model = copy.deepcopy(previous)
+    if step.label_space.num_classes > model.num_classes:
+        head_init = "background" if any(s.head_init == "background" for s in strategies) else "random"
+        model.grow_classifier(step.label_space, init=head_init)
+    return model
+
+
+def _save_step_model(model: nn.Module, model_dir: Path, strategies: Sequence[Strategy],
+                     parent: nn.Module | None = None, record: Mapping[str, Any] | None = None) -> None:
+    """Save the model with its lineage (``record``: what the step was), and beside it what the
+    strategies keep for a run that continues from it."""
+    from everseg.models import save_model
+
+    if record is not None:
+        parent_meta = dict(getattr(parent, "metadata", None) or {})
+        lineage = list(parent_meta.get("lineage", [])) + ([record["parent"]] if record.get("parent") else [])
+        # train_seconds stays what learning the base took: a later ``learn`` budgets from it.
+        model.metadata = {**getattr(model, "metadata", {}), **record, "lineage": lineage}
+    save_model(model, model_dir)
+    for s in strategies:
+        s.save(model_dir)
 
 
 def class_incremental_spec(model_names: Sequence[str], new_classes: Sequence[str], *, setting: str = "overlap",

@@ -85,6 +85,16 @@ def any_process(flag: bool, device: torch.device) -> bool:
     return bool(t.item() > 0)
 
 
+def from_main(value: float, device: torch.device | str = "cpu") -> float:
+    """Process 0's ``value`` in every process (itself when alone): decisions taken from a clock
+    (a step's time budget) must be the same everywhere, or the processes' LRs drift apart."""
+    if current_world() is None:
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    dist.broadcast(t, src=0)
+    return float(t.item())
+
+
 def mean_over_processes(value: torch.Tensor) -> torch.Tensor:
     """The mean of ``value`` over the processes (itself when alone)."""
     if current_world() is None:

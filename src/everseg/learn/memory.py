@@ -29,7 +29,7 @@ from everseg.atomic import atomic_write_json
 from everseg.data.dataset import SegmentationDataset
 from everseg.data.errors import DataError
 
-Policy = Literal["reservoir", "class_balanced"]
+PolicyName = Literal["reservoir", "class_balanced"]
 
 
 @dataclass
@@ -58,19 +58,98 @@ def _png_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+class StoragePolicy:
+    """Which images a memory keeps: :meth:`update` offers it a step's training images."""
+
+    name = "policy"
+
+    def update(self, memory: "ReplayMemory", dataset: SegmentationDataset, step: int) -> None:
+        raise NotImplementedError
+
+
+class Reservoir(StoragePolicy):
+    """Every image seen so far has the same chance, budget / seen, of being kept."""
+
+    name = "reservoir"
+
+    def update(self, memory: "ReplayMemory", dataset: SegmentationDataset, step: int) -> None:
+        for i in range(len(dataset)):
+            memory.seen += 1
+            if len(memory.items) < memory.budget:
+                memory.items.append(_item(dataset, i, step))
+            else:
+                j = memory.rng.randrange(memory.seen)
+                if j < memory.budget:
+                    memory.items[j] = _item(dataset, i, step)
+
+
+class ClassBalanced(StoragePolicy):
+    """Each class learned so far gets an equal share of the budget, filled with the images where
+    it covers the most pixels, so rare classes are kept. Class 0 claims no share when it is the
+    background (``ignore_background``): it is in nearly every image anyway."""
+
+    name = "class_balanced"
+
+    def __init__(self, ignore_background: bool = True):
+        self.ignore_background = ignore_background
+
+    def update(self, memory: "ReplayMemory", dataset: SegmentationDataset, step: int) -> None:
+        counts = dataset.class_pixel_counts(per_image=True)
+        candidates: dict[int, list[tuple[int, str, int]]] = {}  # class -> [(pixels, source, index)]
+        for item_idx, item in enumerate(memory.items):
+            for c in item.classes():
+                if c == 0 and self.ignore_background:
+                    continue
+                candidates.setdefault(int(c), []).append((int((item.mask == c).sum()), "memory", item_idx))
+        for i in range(len(dataset)):
+            for c in np.nonzero(counts[i])[0]:
+                if c == 0 and self.ignore_background:
+                    continue
+                candidates.setdefault(int(c), []).append((int(counts[i, c]), "new", i))
+        if not candidates:
+            return
+        for lst in candidates.values():
+            lst.sort(key=lambda x: -x[0])
+        chosen: list[tuple[str, int]] = []
+        # Round-robin over classes, rarest first, each taking its best remaining image.
+        order = sorted(candidates, key=lambda c: len(candidates[c]))
+        pointers = {c: 0 for c in order}
+        while len(chosen) < memory.budget and any(pointers[c] < len(candidates[c]) for c in order):
+            for c in order:
+                while pointers[c] < len(candidates[c]):
+                    _, src, idx = candidates[c][pointers[c]]
+                    pointers[c] += 1
+                    if (src, idx) not in chosen:
+                        chosen.append((src, idx))
+                        break
+                if len(chosen) >= memory.budget:
+                    break
+        memory.items = [memory.items[idx] if src == "memory" else _item(dataset, idx, step) for src, idx in chosen]
+
+
+POLICIES: dict[str, type[StoragePolicy]] = {"reservoir": Reservoir, "class_balanced": ClassBalanced}
+
+
+def _item(dataset: SegmentationDataset, i: int, step: int) -> MemoryItem:
+    image, mask = dataset.decoded(i)
+    return MemoryItem(dataset.samples[i].stem, step, image.copy(), mask.copy())
+
+
 class ReplayMemory:
-    def __init__(self, budget: int, *, policy: Policy = "class_balanced", seed: int = 0,
-                 ignore_background: bool = True):
+    """A budget of stored images and the :class:`StoragePolicy` that chooses them."""
+
+    def __init__(self, budget: int, *, policy: PolicyName | StoragePolicy = "class_balanced", seed: int = 0):
         if budget < 0:
             raise ValueError("memory budget must be >= 0")
-        if policy not in ("reservoir", "class_balanced"):
-            raise ValueError(f"unknown memory policy {policy!r}; choose reservoir or class_balanced")
+        if isinstance(policy, str):
+            if policy not in POLICIES:
+                raise ValueError(f"unknown memory policy {policy!r}; choose {' or '.join(POLICIES)}")
+            policy = POLICIES[policy]()
         self.budget = budget
         self.policy = policy
         self.items: list[MemoryItem] = []
         self.seen = 0  # images offered so far (reservoir)
         self.rng = random.Random(seed)
-        self.ignore_background = ignore_background  # class 0 does not claim a share (class_balanced)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -89,57 +168,8 @@ class ReplayMemory:
 
     def update(self, dataset: SegmentationDataset, step: int) -> None:
         """Offer every image of ``dataset`` (a step's training view) to the memory."""
-        if self.budget == 0:
-            return
-        if self.policy == "reservoir":
-            for i in range(len(dataset)):
-                self.seen += 1
-                if len(self.items) < self.budget:
-                    self.items.append(self._item(dataset, i, step))
-                else:
-                    j = self.rng.randrange(self.seen)
-                    if j < self.budget:
-                        self.items[j] = self._item(dataset, i, step)
-        else:
-            self._class_balanced(dataset, step)
-
-    @staticmethod
-    def _item(dataset: SegmentationDataset, i: int, step: int) -> MemoryItem:
-        image, mask = dataset.decoded(i)
-        return MemoryItem(dataset.samples[i].stem, step, image.copy(), mask.copy())
-
-    def _class_balanced(self, dataset: SegmentationDataset, step: int) -> None:
-        counts = dataset.class_pixel_counts(per_image=True)
-        candidates: dict[int, list[tuple[int, str, int]]] = {}  # class -> [(pixels, source, index)]
-        for item_idx, item in enumerate(self.items):
-            for c in item.classes():
-                if c == 0 and self.ignore_background:
-                    continue
-                candidates.setdefault(int(c), []).append((int((item.mask == c).sum()), "memory", item_idx))
-        for i in range(len(dataset)):
-            for c in np.nonzero(counts[i])[0]:
-                if c == 0 and self.ignore_background:
-                    continue
-                candidates.setdefault(int(c), []).append((int(counts[i, c]), "new", i))
-        if not candidates:
-            return
-        for lst in candidates.values():
-            lst.sort(key=lambda x: -x[0])
-        chosen: list[tuple[str, int]] = []
-        # Round-robin over classes, rarest first, each taking its best remaining image.
-        order = sorted(candidates, key=lambda c: len(candidates[c]))
-        pointers = {c: 0 for c in order}
-        while len(chosen) < self.budget and any(pointers[c] < len(candidates[c]) for c in order):
-            for c in order:
-                while pointers[c] < len(candidates[c]):
-                    _, src, idx = candidates[c][pointers[c]]
-                    pointers[c] += 1
-                    if (src, idx) not in chosen:
-                        chosen.append((src, idx))
-                        break
-                if len(chosen) >= self.budget:
-                    break
-        self.items = [self.items[idx] if src == "memory" else self._item(dataset, idx, step) for src, idx in chosen]
+        if self.budget > 0:
+            self.policy.update(self, dataset, step)
 
     # ------------------------------------------------------------------ on disk
     def save(self, directory: str | Path) -> Path:
@@ -152,7 +182,7 @@ class ReplayMemory:
             (d / f"{name}.png").write_bytes(image_png)
             (d / f"{name}_mask.png").write_bytes(mask_png)
             index.append({"name": name, "stem": item.stem, "step": item.step})
-        atomic_write_json(d / "memory.json", {"budget": self.budget, "policy": self.policy, "seen": self.seen,
+        atomic_write_json(d / "memory.json", {"budget": self.budget, "policy": self.policy.name, "seen": self.seen,
                                               "items": index})
         return d
 

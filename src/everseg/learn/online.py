@@ -391,9 +391,9 @@ class OnlineLearner:
         """Train ``candidate`` on ``data`` with replay from the memory, through the one Trainer
         loop. A diverged update (non-finite loss) comes back as a refused Observation, like one
         the guardrail rejects, so the service goes on: one bad image must not stop the loop."""
-        ctx = ContinualContext(step=None, step_index=self._seen, old_model=None, old_num_classes=old_num_classes,
-                               memory=self.memory)
+        ctx = ContinualContext(step=None, step_index=self._seen, old_model=None, old_num_classes=old_num_classes)
         replay = Replay(fraction=float(self.replay), seed=self._seen)
+        replay.memory = self.memory  # the learner's own: it stores each observed image itself (_remember)
         replay.begin_step(ctx)
         torch.manual_seed(self._seen)
         try:

@@ -22,8 +22,9 @@ pseudo-labels; ``batch.extra`` for the plugin's own data); the segmentation loss
 ``after_backward``; the model's weights, in ``after_step`` or ``end_step`` (Reptile, weight
 fusion) and which of them train, in ``on_fit_start`` (a frozen backbone);
 ``criterion.class_weights``, in ``on_fit_start`` (replay counting its memory); stopping,
-with ``request_stop()``. Models a plugin runs beside the trained one are returned by
-``frozen_models`` so the Trainer moves them to its device.
+with ``request_stop()``; more optimiser steps, only through ``nested_step(batch)`` (from
+``before_forward`` or ``after_step``: MER's per-image steps). Models a plugin runs beside the
+trained one are returned by ``frozen_models`` so the Trainer moves them to its device.
 """
 
 from __future__ import annotations

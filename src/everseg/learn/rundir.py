@@ -81,7 +81,7 @@ def claim_run_folder(out: str | Path, *, resume: bool = False, overwrite: bool =
     if not overwrite:
         names = ", ".join(p.name for p in entries[:4]) + (", ..." if len(entries) > 4 else "")
         raise RunFolderError(f"{what} {out} already holds a run ({names}): pass --overwrite to replace it, "
-                             "--resume to continue it (train), or choose another folder")
+                             "--resume to continue it (train, learn, scenario run), or choose another folder")
     return True
 
 

@@ -83,12 +83,18 @@ class FitResult:
 
 
 class Trainer:
-    """Trains ``model`` on ``train_set``, validating on ``val_set``, writing into ``out_dir``."""
+    """Trains ``model`` on ``train_set``, validating on ``val_set``, writing into ``out_dir``.
+
+    The time budget is ``config.train.max_minutes``: the learning rate decays within it and
+    training stops before a step that would not end inside it. ``budget_spent``: seconds of that
+    budget already used before the Trainer was made (an incremental step's strategy set-up,
+    which is part of what the step costs); counted in ``train_seconds`` too.
+    """
 
     def __init__(self, model: nn.Module, train_set: SegmentationDataset,
                  val_set: SegmentationDataset | None, config: RunConfig, out_dir: str | Path, *,
                  plugins: Sequence[Plugin] = (), progress: bool = True,
-                 criterion: nn.Module | None = None, write_run: bool = True):
+                 criterion: nn.Module | None = None, write_run: bool = True, budget_spent: float = 0.0):
         self.model = model
         self.train_set = train_set
         self.val_set = val_set
@@ -122,11 +128,14 @@ class Trainer:
         # The model is moved now, before plugins and strategies copy or measure it.
         self.model.to(self.device)
         self.criterion = criterion if criterion is not None else self._default_criterion()
+        # What a step runs the model through (fit wraps it for data-parallel training).
+        self._forward: nn.Module = self.model
+        self._needs_features = any(p.needs_features for p in self.plugins)
         # Loop state; everything here is saved in the checkpoint.
         self.epoch = 0
         self.global_step = 0
         self.images_seen = 0
-        self.train_seconds = 0.0  # epochs' wall time over all resumed sessions
+        self.train_seconds = budget_spent  # epochs' wall time over all resumed sessions
         self._epoch_start: float | None = None
         # Wall time of one optimizer step (smoothed): the budget stops the loop before a step it
         # cannot finish, so a run ends inside its budget, not up to one step past it.
@@ -168,6 +177,45 @@ class Trainer:
                                  f"changed through shape_loss, so that strategies compose")
             terms.update(extra)
         return terms
+
+    def _forward_terms(self, batch: Batch) -> tuple[StepOutput, dict[str, torch.Tensor]]:
+        """The plugins' batch hooks, the forward pass and the loss terms of one step."""
+        for plugin in self.plugins:
+            plugin.before_forward(self, batch)
+        with self.autocast():
+            if self._needs_features:
+                logits, feats = self._forward(batch.image, return_features=True)
+            else:
+                logits, feats = self._forward(batch.image), None
+            output = StepOutput(logits, feats)
+            return output, self.loss_terms(batch, output)
+
+    def _apply_gradients(self) -> bool:
+        """The optimiser step on the accumulated gradients; False when a float16 step overflowed
+        and was skipped (the scale is lowered)."""
+        # Plugins and clipping see true gradients, not float16-scaled ones.
+        self.scaler.unscale_(self.optimizer)
+        for plugin in self.plugins:
+            plugin.after_backward(self)
+        if self.config.optim.grad_clip:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.config.optim.grad_clip)
+        scale = self.scaler.get_scale() if self.precision.scaled else None
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return scale is None or self.scaler.get_scale() >= scale
+
+    def nested_step(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """One optimiser step on ``batch`` inside the loop's current one, for methods whose update
+        nests steps (MER's per-example steps): every plugin's hooks apply as in the loop, the LR
+        stays where the schedule has it and the step count does not advance. Gradients the loop
+        has accumulated so far are dropped: call it before the loop's forward pass (in
+        ``before_forward``) or after its step (``after_step``)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        _, terms = self._forward_terms(batch)
+        self.scaler.scale(sum(terms.values())).backward()
+        self._apply_gradients()
+        return {k: v.detach() for k, v in terms.items()}
 
     def _loader(self, generator: torch.Generator) -> DataLoader:
         dc, tc = self.config.data, self.config.train
@@ -241,7 +289,6 @@ class Trainer:
         if self.write_run:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.out_dir / "config.yaml", cfg.to_yaml())
-        needs_features = any(p.needs_features for p in self.plugins)
         for plugin in self.plugins:
             for frozen in plugin.frozen_models():
                 frozen.to(self.device)
@@ -257,7 +304,8 @@ class Trainer:
         for plugin in self.plugins:
             plugin.on_fit_start(self)
         # Wrapped after the plugins set which weights train (a frozen backbone): DDP fixes them now.
-        forward = self._data_parallel() if self.world is not None else self.model
+        self._forward = self._data_parallel() if self.world is not None else self.model
+        self._needs_features = any(p.needs_features for p in self.plugins)
         if not resume:
             # Plugins' set-up passes (e.g. PLOP's pseudo-label thresholds) are part of what the
             # training costs, so they count against the time budget.
@@ -287,31 +335,12 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 for i, raw in enumerate(loader):
                     batch = self.to_batch(raw)
-                    for plugin in self.plugins:
-                        plugin.before_forward(self, batch)
-                    with self.autocast():
-                        if needs_features:
-                            logits, feats = forward(batch.image, return_features=True)
-                        else:
-                            logits, feats = forward(batch.image), None
-                        output = StepOutput(logits, feats)
-                        terms = self.loss_terms(batch, output)
-                        loss = sum(terms.values())
+                    output, terms = self._forward_terms(batch)
+                    loss = sum(terms.values())
                     self.scaler.scale(loss / tc.grad_accum).backward()
                     if (i + 1) % tc.grad_accum == 0:
-                        # Plugins and clipping see true gradients, not float16-scaled ones.
-                        self.scaler.unscale_(self.optimizer)
-                        for plugin in self.plugins:
-                            plugin.after_backward(self)
-                        if cfg.optim.grad_clip:
-                            nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
-                        # A scaled step whose gradients overflowed is skipped and the scale lowered;
-                        # the LR schedule waits for a step that happened.
-                        scale = self.scaler.get_scale() if self.precision.scaled else None
-                        self.scaler.step(self.optimizer)
-                        self.scaler.update()
-                        self.optimizer.zero_grad(set_to_none=True)
-                        if scale is None or self.scaler.get_scale() >= scale:
+                        # The LR schedule waits for a step that happened (not one skipped for overflow).
+                        if self._apply_gradients():
                             self.scheduler.step()
                         self.global_step += 1
                         now = time.perf_counter()

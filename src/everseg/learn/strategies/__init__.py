@@ -4,20 +4,22 @@ Every combination means all of its parts: strategies add loss terms and shape th
 segmentation loss through :class:`~everseg.learn.losses.LossShape`, never replace it
 (tests/continual/test_strategy_pairs.py runs every pair).
 
-``finetune`` (no strategy: the lower bound) and ``joint`` (retrain on all data so far:
-the upper bound) are handled by the continual runner itself.
+``finetune`` (train on each step's data alone: the lower bound) and ``joint`` (retrain on all
+data so far: the upper bound) are strategies too, used alone: combined with a method, finetune
+would add nothing and joint would leave nothing to the method.
 """
 
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping
 
-from everseg.learn.strategies.base import ContinualContext, Strategy
+from everseg.learn.strategies.base import ContinualContext, RunStart, Strategy
+from everseg.learn.strategies.baselines import Finetune, Joint
 from everseg.learn.strategies.distillation import ILT, LwF
 from everseg.learn.strategies.ewf import EWF
 from everseg.learn.strategies.importance import EWC, MAS, SampleWeighting
-from everseg.learn.strategies.mer import MetaReplay
+from everseg.learn.strategies.mer import MetaExperienceReplay, Reptile
 from everseg.learn.strategies.mib import MiB
 from everseg.learn.strategies.plop import PLOP
 from everseg.learn.strategies.replay import Replay
@@ -31,14 +33,15 @@ STRATEGIES: dict[str, Callable[[], Strategy]] = {
     "ilt": ILT,
     "mib": MiB,
     "plop": PLOP,
-    "mer": MetaReplay,
+    "mer": MetaExperienceReplay,
+    "reptile": Reptile,
     "ewf": EWF,
 }
-BASELINES = ("finetune", "joint")
+BASELINES: dict[str, Callable[[], Strategy]] = {"finetune": Finetune, "joint": Joint}
 
 
 def build_strategies(spec: str, params: Mapping[str, Any] | None = None) -> list[Strategy]:
-    """``"plop+replay"`` -> [Replay(), PLOP()]. Replay runs first so the others see replayed images.
+    """``"plop+replay"`` -> [Replay(), PLOP()].
 
     ``params`` sets hyper-parameters by ``"strategy.argument"``, e.g. ``{"lwf.weight": 5}``;
     values given as strings (from the command line) are converted to the default's type.
@@ -47,14 +50,22 @@ def build_strategies(spec: str, params: Mapping[str, Any] | None = None) -> list
     if not names:
         raise ValueError("empty strategy")
     params = dict(params or {})
-    if names in (["finetune"], ["joint"]):
+    baselines = [n for n in names if n in BASELINES]
+    if baselines:
+        if len(names) > 1:
+            raise ValueError(f"{spec!r}: {baselines[0]} is used alone ("
+                             + ("finetune plus a method is that method" if baselines[0] == "finetune"
+                                else "joint retrains on all the data, which leaves a method nothing to do") + ")")
         if params:
             raise ValueError(f"{names[0]} has no hyper-parameters (got {sorted(params)})")
-        return []
+        return [BASELINES[names[0]]()]
     unknown = [n for n in names if n not in STRATEGIES]
     if unknown or len(set(names)) != len(names):
         raise ValueError(f"unknown or repeated strategy in {spec!r}; choose from {sorted(STRATEGIES)} "
                          f"joined with '+', or {' / '.join(BASELINES)} alone")
+    if "mer" in names and "replay" in names:
+        raise ValueError(f"{spec!r}: mer replays from its own memory already; use mer alone, or reptile+replay "
+                         "for meta-updates over replay's batches")
     kwargs: dict[str, dict[str, Any]] = {n: {} for n in names}
     for key, value in params.items():
         owner, _, arg = key.partition(".")
@@ -64,8 +75,20 @@ def build_strategies(spec: str, params: Mapping[str, Any] | None = None) -> list
         if arg not in defaults:
             raise ValueError(f"hyper-parameter {key!r}: {owner} takes {sorted(defaults)}")
         kwargs[owner][arg] = _convert(key, value, defaults[arg])
-    names.sort(key=lambda n: n != "replay")
+    # Replay first, so the others see the replayed images; MER first, so that the others' batch
+    # hooks act on each of its steps once.
+    names.sort(key=lambda n: n not in ("replay", "mer"))
     return [STRATEGIES[n](**kwargs[n]) for n in names]
+
+
+def with_memory_size(spec: str, params: Mapping[str, Any] | None, memory_size: int | None) -> dict[str, Any]:
+    """``params`` with the memory budget of ``spec``'s replaying strategy (replay or mer) set to
+    ``memory_size`` (a ``replay.memory_size`` / ``mer.memory_size`` already in ``params`` wins)."""
+    params = dict(params or {})
+    for name in [n.strip().lower() for n in spec.split("+")]:
+        if memory_size is not None and name in ("replay", "mer"):
+            params.setdefault(f"{name}.memory_size", memory_size)
+    return params
 
 
 def default_strategy(adds_classes: bool) -> str:
@@ -102,6 +125,6 @@ def _convert(key: str, value: Any, default: Any) -> Any:
                          f"like {default!r}") from None
 
 
-__all__ = ["BASELINES", "EWC", "EWF", "ILT", "MAS", "MiB", "ContinualContext", "LwF", "MetaReplay", "PLOP", "Replay",
-           "STRATEGIES", "SampleWeighting", "Strategy", "build_strategies", "default_strategy",
-           "strategy_parameters"]
+__all__ = ["BASELINES", "EWC", "EWF", "ILT", "MAS", "MiB", "ContinualContext", "Finetune", "Joint", "LwF", "MetaExperienceReplay",
+           "PLOP", "Replay", "Reptile", "RunStart", "STRATEGIES", "SampleWeighting", "Strategy", "build_strategies", "default_strategy",
+           "strategy_parameters", "with_memory_size"]

@@ -1,16 +1,27 @@
 """What an incremental-learning strategy is: a training-loop plugin that also lives across steps.
 
 The continual runner (:mod:`everseg.learn.continual`) keeps one instance of each strategy
-for a whole scenario. Before each step it calls :meth:`Strategy.begin_step` with the
-:class:`ContinualContext` (the step, the frozen model of the previous step, the replay
-memory); the strategy then acts through the ordinary Trainer hooks; after training,
-:meth:`Strategy.end_step` lets it store what the next step needs (importance weights,
-memory samples).
+for a whole scenario and fires, in this order:
+
+- :meth:`Strategy.begin_run` once, with the base model's folder when step 0 was learned
+  elsewhere (replay loads the memory stored with it);
+- per step, :meth:`Strategy.begin_step` with the :class:`ContinualContext` (the step, the
+  frozen model of the previous step); then the ordinary Trainer hooks while it trains; then
+  :meth:`Strategy.end_step`, to keep what the next step needs (importance weights, the
+  memory's new images). A step the base model learned elsewhere is not trained:
+  :meth:`Strategy.learned_elsewhere` is fired for it instead;
+- :meth:`Strategy.save` with every model folder the runner writes, to store beside the model
+  what a later run from it needs (replay's memory).
+
+What the runner decides from a strategy is in its class attributes: ``head_init`` (how new
+classifier rows start) and ``retrains`` (joint: every step starts again from the pretrained
+backbone on all the data so far, with step 0's budget).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -20,7 +31,6 @@ from everseg.learn.plugins import Plugin
 
 if TYPE_CHECKING:
     from everseg.data.scenarios import Step
-    from everseg.learn.memory import ReplayMemory
     from everseg.learn.trainer import Trainer
 
 
@@ -32,7 +42,6 @@ class ContinualContext:
     step_index: int
     old_model: nn.Module | None  # the previous step's model, frozen, eval mode (None at step 0)
     old_num_classes: int  # classes the old model predicts (0 at step 0)
-    memory: "ReplayMemory | None" = None  # shared replay memory, when a strategy uses one
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -46,21 +55,41 @@ class ContinualContext:
         return step is not None and bool(step.new_classes) and has_background(step.label_space)
 
 
+@dataclass
+class RunStart:
+    """What the runner tells strategies once, before the first step."""
+
+    base_model: Path | None  # the model folder that learned step 0 elsewhere, if any
+    seed: int
+
+
 class Strategy(Plugin):
-    """A plugin with two more hooks, around each incremental step."""
+    """A plugin with more hooks: once per run, around each step, and when a model is saved."""
 
     name = "strategy"
     head_init = "random"  # how new classifier rows start: "random" or "background" (MiB)
-    uses_memory = False  # the runner creates a ReplayMemory when any strategy sets this
+    retrains = False  # every step from the pretrained backbone on all data so far (joint)
+    # Whether it keeps a ReplayMemory in ``self.memory``; a caller may set one before the run
+    # (``learn`` fills it from the data a model learned from), else begin_run makes it.
+    uses_memory = False
 
     def __init__(self) -> None:
         self.ctx: ContinualContext | None = None
+
+    def begin_run(self, run: RunStart) -> None:
+        """Before the first step."""
 
     def begin_step(self, ctx: ContinualContext) -> None:
         self.ctx = ctx
 
     def end_step(self, ctx: ContinualContext, trainer: "Trainer") -> None:
-        """After the step's training, before its evaluation."""
+        """After the step's training, before its evaluation; its time counts in the step's cost."""
+
+    def learned_elsewhere(self, ctx: ContinualContext) -> None:
+        """For a step the runner did not train because the base model had learned it."""
+
+    def save(self, model_dir: Path) -> None:
+        """Store beside the model in ``model_dir`` what a run continuing from it needs."""
 
     @property
     def old_model(self) -> nn.Module | None:
