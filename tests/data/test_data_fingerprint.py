@@ -71,9 +71,12 @@ def test_the_loss_follows_the_class_balance():
     assert plan.values == {"loss.kind": "ce+dice", "loss.class_weights": "none"}
     # The user chose plain CE: imbalanced classes get the gentle weights.
     assert plan_defaults(rare, {"loss.class_weights"}, loss_kind="ce").values == {"loss.class_weights": "inverse_sqrt"}
+    # Balanced classes get the Dice term too (ISBI membranes: ce+dice 69.9, ce 67.2), and a
+    # user's plain CE on them no weights.
     balanced = fingerprint(dataset([(100, 100)] * 4, rare_share=0.3))
     assert plan_defaults(balanced, {"loss.kind", "loss.class_weights"}).values == {
-        "loss.kind": "ce", "loss.class_weights": "none"}
+        "loss.kind": "ce+dice", "loss.class_weights": "none"}
+    assert plan_defaults(balanced, {"loss.class_weights"}, loss_kind="ce").values == {"loss.class_weights": "none"}
 
 
 def test_fields_the_user_set_are_kept_and_fitting_can_be_switched_off(caplog):
