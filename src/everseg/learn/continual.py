@@ -20,7 +20,7 @@ from torch import nn
 from everseg.data.scenarios import Scenario, ScenarioSpec, Step
 from everseg.devices import choose_precision, resolve_device
 from everseg.evaluate.continual import ContinualReport, StepRecord
-from everseg.learn.config import RunConfig
+from everseg.learn.config import RunConfig, load_config
 from everseg.learn.rundir import claim_run_folder, clear_run_folder
 from everseg.learn.run import finetune_plugins, training_augmentation
 from everseg.learn.strategies import Strategy, build_strategies, with_memory_size
@@ -210,8 +210,6 @@ def _run_steps(scenario: Scenario, strategy: str | Sequence[Strategy], cfg: RunC
             interrupted = resume and (out / f"step{t}" / "checkpoint.pt").is_file()
             if interrupted:
                 # The step goes on as it began: its own config (the budget it was given) is the one.
-                from everseg.learn.config import load_config
-
                 step_cfg = load_config(out / f"step{t}" / "config.yaml", {})
             # Seeded before the model is built: a new head's initial weights are part of the run.
             torch.manual_seed(cfg.train.seed + t)

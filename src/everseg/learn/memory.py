@@ -14,6 +14,7 @@ never change meaning later, since new classes are appended.
 from __future__ import annotations
 
 import io
+from abc import ABC, abstractmethod
 import json
 import random
 from dataclasses import dataclass, field
@@ -58,13 +59,14 @@ def _png_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-class StoragePolicy:
+class StoragePolicy(ABC):
     """Which images a memory keeps: :meth:`update` offers it a step's training images."""
 
     name = "policy"
 
+    @abstractmethod
     def update(self, memory: "ReplayMemory", dataset: SegmentationDataset, step: int) -> None:
-        raise NotImplementedError
+        """Change ``memory.items`` (within ``memory.budget``) given the step's ``dataset``."""
 
 
 class Reservoir(StoragePolicy):
