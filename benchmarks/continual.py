@@ -45,7 +45,7 @@ from everseg.learn import load_config
 from everseg.learn.continual import run_scenario, untrained_domain_miou
 
 STRATEGIES = ["finetune", "ewc", "mas", "weighting", "replay", "lwf", "ilt", "mib", "plop", "mer", "reptile+replay",
-              "plop+replay", "mib+replay"]
+              "plop+replay", "mib+replay", "mib+ewf", "plop+ewf"]
 PROTOCOLS = ["camvid-6-5", "camvid-6-1", "camvid-domains"]
 JOINT_FROM = {"camvid-6-1": "camvid-6-5"}  # same last-step images and classes: one joint serves both
 RUN_INFO = "benchmark-run.json"  # written beside a run's results.json
