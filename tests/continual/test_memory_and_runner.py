@@ -160,6 +160,8 @@ def test_runner_writes_results_and_lineage(tiny_scenario, tmp_path, strategy):
     final = load_model(tmp_path / "run" / "step1" / "model")
     assert final.label_space.names == tiny_scenario.final_label_space.names
     assert final.metadata["parent"].endswith("step0/model") and final.metadata["strategy"] == strategy
+    for name in ("ewc", "mas"):
+        assert (tmp_path / "run" / "step1" / "model" / f"{name}-importance.pt").is_file() == (name in strategy)
     if "replay" in strategy or strategy == "mer":
         assert json.loads((tmp_path / "run" / "step1" / "model" / "memory" / "memory.json").read_text())["items"]
     assert report.steps[1].images_seen > 0
@@ -254,6 +256,45 @@ def test_importance_from_a_model_trained_elsewhere_is_measured_before_the_step(t
     s.on_fit_start(trainer)
     cap = 1.0 / (2 * 1e6 * cfg.optim.lr)
     assert max(float(w.max()) for w in s.importance.values()) <= cap * (1 + 1e-6)
+
+
+@pytest.mark.parametrize("strategy", ["ewc", "mas"])
+def test_importance_saved_with_the_model_carries_over_to_a_run_continuing_from_it(tiny_scenario, tmp_path,
+                                                                                  strategy):
+    """--resume (or learn again) goes on accumulating the importance instead of measuring it anew."""
+    from everseg.learn.strategies import build_strategies
+    from everseg.learn.strategies.base import ContinualContext, RunStart
+    from everseg.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model(arch="lraspp", backbone="mobilenet_v2", label_space=tiny_scenario.steps[1].label_space,
+                         pretrained=False).eval()
+    (first,) = build_strategies(strategy)
+    first.importance = {n: torch.rand_like(p) for n, p in model.named_parameters()}
+    first.save(tmp_path)
+    (again,) = build_strategies(strategy)
+    again.begin_run(RunStart(base_model=tmp_path, seed=0))
+
+    def not_measured(*args, **kwargs):
+        raise AssertionError("importance measured again although it was stored")
+
+    again._estimate = not_measured
+    again.begin_step(ContinualContext(step=tiny_scenario.steps[1], step_index=2, old_model=model,
+                                      old_num_classes=model.num_classes))
+
+    class Optimiser:  # what on_fit_start reads of a Trainer: the device and the LR (for the cap)
+        param_groups = [{"lr": 0.0}]
+
+    class Trainer:
+        device, optimizer = torch.device("cpu"), Optimiser()
+
+    again.on_fit_start(Trainer())
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(again.importance[n], first.importance[n])
+        torch.testing.assert_close(again.anchor[n], p)
+    (fresh,) = build_strategies(strategy)
+    fresh.begin_run(RunStart(base_model=tmp_path / "elsewhere", seed=0))  # nothing stored: nothing loaded
+    assert not fresh.importance
 
 
 @pytest.mark.slow
