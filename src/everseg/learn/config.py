@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Mapping
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 # Numbers a config may hold: finite (a NaN learning rate trains an hour, then dies) and in range.
 Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]

@@ -126,6 +126,9 @@ class _ParameterImportance(Strategy, ABC):
                 cap = 1.0 / (2.0 * self.weight * lr)
                 self.importance = {n: w.clamp(max=cap) for n, w in self.importance.items()}
 
+    def wrap_up_images(self, trainer) -> int:
+        return min(self.max_batches * self.batch_size, len(trainer.train_set))  # end_step's pass
+
     def end_step(self, ctx, trainer) -> None:
         for n, s in self._estimate(trainer.model, trainer, own_labels=False).items():
             prev = self.importance.get(n)
