@@ -14,7 +14,7 @@ the incremental steps alone. ``joint`` retrains from the ImageNet backbone at ev
 on all images so far with the base budget. Each incremental step gets ``--step-share`` of
 that (0.15 = the goal's ceiling); the LR schedule decays within the step's budget.
 camvid-6-1's joint reference is camvid-6-5's: their last steps train the same images with
-the same classes.
+the same classes (camvid-10-1-disjoint's is camvid-10-1-overlap's likewise).
 
 Runs go to benchmarks/runs/continual/<protocol>/<strategy>/ and are reused when complete,
 so two processes can share the work (``--strategies`` disjoint, one thread each) and
@@ -46,8 +46,10 @@ from everseg.learn.continual import run_scenario, untrained_domain_miou
 
 STRATEGIES = ["finetune", "ewc", "mas", "weighting", "replay", "lwf", "ilt", "mib", "plop", "mer", "reptile+replay",
               "plop+replay", "mib+replay", "mib+ewf", "plop+ewf"]
-PROTOCOLS = ["camvid-6-5", "camvid-6-1", "camvid-domains"]
-JOINT_FROM = {"camvid-6-1": "camvid-6-5"}  # same last-step images and classes: one joint serves both
+PROTOCOLS = ["camvid-6-5", "camvid-6-1", "camvid-domains", "camvid-10-1-overlap", "camvid-10-1-disjoint"]
+# Same images and classes at the last step (the disjoint steps' images together are all of them):
+# one joint serves both.
+JOINT_FROM = {"camvid-6-1": "camvid-6-5", "camvid-10-1-disjoint": "camvid-10-1-overlap"}
 RUN_INFO = "benchmark-run.json"  # written beside a run's results.json
 HOLDOUT_EVERY = 5  # stream: every 5th dusk image guards the updates instead of training them
 PUBLISHED = "Published VOC 15-1 context: PLOP 54.6 of joint 77.4 (0.71x); SSUL-M 71.4 (0.92x)."
@@ -77,12 +79,19 @@ def _complete(run: Path, scenario) -> ContinualReport | None:
     return report if len(report.steps) == len(scenario.steps) else None
 
 
+def _base_dir(protocol: str, args) -> Path:
+    """camvid-6-5 and camvid-6-1 share step 0 (folder ``class``); the other class protocols
+    have a step 0 of their own (disjoint: without the images of later classes)."""
+    if get_protocol(protocol).kind == "domain":
+        return args.runs / "bases" / "domains"
+    return args.runs / "bases" / ("class" if protocol in ("camvid-6-5", "camvid-6-1") else protocol)
+
+
 def base_model(protocol: str, args) -> Path:
     """Step 0 of the protocol, trained once and shared by every strategy (and by joint)."""
-    kind = "domains" if get_protocol(protocol).kind == "domain" else "class"
-    run = args.runs / "bases" / kind
+    run = _base_dir(protocol, args)
     if not (run / "step0" / "model").is_dir():
-        minutes = args.domain_base_minutes if kind == "domains" else args.base_minutes
+        minutes = args.domain_base_minutes if get_protocol(protocol).kind == "domain" else args.base_minutes
         run_scenario(_scenario(protocol, args, slice(0, 1)), "finetune", _config(args, minutes), run, progress=False)
     return run / "step0" / "model"
 
@@ -149,7 +158,7 @@ def collect(protocol: str, args) -> dict:
            "domain_base_minutes": args.domain_base_minutes, "step_share": args.step_share,
            "memory_size": args.memory, "threads": args.threads, "joint_from": os.path.relpath(joint_dir, BENCH_DIR),
            "config": _config(args, args.base_minutes).model_dump(mode="json"), "strategies": {}}
-    base_dir = args.runs / "bases" / ("domains" if scenario.spec.kind == "domain" else "class")
+    base_dir = _base_dir(protocol, args)
     base = _complete(base_dir, _scenario(protocol, args, slice(0, 1)))
     if base is not None and scenario.spec.kind == "domain" and not base.initial_domain_miou:
         # A base trained before its report carried the untrained model's scores: measure them

@@ -160,6 +160,8 @@ def test_runner_writes_results_and_lineage(tiny_scenario, tmp_path, strategy):
     final = load_model(tmp_path / "run" / "step1" / "model")
     assert final.label_space.names == tiny_scenario.final_label_space.names
     assert final.metadata["parent"].endswith("step0/model") and final.metadata["strategy"] == strategy
+    for name in ("ewc", "mas"):
+        assert (tmp_path / "run" / "step1" / "model" / f"{name}-importance.pt").is_file() == (name in strategy)
     if "replay" in strategy or strategy == "mer":
         assert json.loads((tmp_path / "run" / "step1" / "model" / "memory" / "memory.json").read_text())["items"]
     assert report.steps[1].images_seen > 0
@@ -254,6 +256,45 @@ def test_importance_from_a_model_trained_elsewhere_is_measured_before_the_step(t
     s.on_fit_start(trainer)
     cap = 1.0 / (2 * 1e6 * cfg.optim.lr)
     assert max(float(w.max()) for w in s.importance.values()) <= cap * (1 + 1e-6)
+
+
+@pytest.mark.parametrize("strategy", ["ewc", "mas"])
+def test_importance_saved_with_the_model_carries_over_to_a_run_continuing_from_it(tiny_scenario, tmp_path,
+                                                                                  strategy):
+    """--resume (or learn again) goes on accumulating the importance instead of measuring it anew."""
+    from everseg.learn.strategies import build_strategies
+    from everseg.learn.strategies.base import ContinualContext, RunStart
+    from everseg.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model(arch="lraspp", backbone="mobilenet_v2", label_space=tiny_scenario.steps[1].label_space,
+                         pretrained=False).eval()
+    (first,) = build_strategies(strategy)
+    first.importance = {n: torch.rand_like(p) for n, p in model.named_parameters()}
+    first.save(tmp_path)
+    (again,) = build_strategies(strategy)
+    again.begin_run(RunStart(base_model=tmp_path, seed=0))
+
+    def not_measured(*args, **kwargs):
+        raise AssertionError("importance measured again although it was stored")
+
+    again._estimate = not_measured
+    again.begin_step(ContinualContext(step=tiny_scenario.steps[1], step_index=2, old_model=model,
+                                      old_num_classes=model.num_classes))
+
+    class Optimiser:  # what on_fit_start reads of a Trainer: the device and the LR (for the cap)
+        param_groups = [{"lr": 0.0}]
+
+    class Trainer:
+        device, optimizer = torch.device("cpu"), Optimiser()
+
+    again.on_fit_start(Trainer())
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(again.importance[n], first.importance[n])
+        torch.testing.assert_close(again.anchor[n], p)
+    (fresh,) = build_strategies(strategy)
+    fresh.begin_run(RunStart(base_model=tmp_path / "elsewhere", seed=0))  # nothing stored: nothing loaded
+    assert not fresh.importance
 
 
 @pytest.mark.slow
@@ -410,6 +451,39 @@ def test_a_steps_wrap_up_is_reserved_from_the_next_steps_budget(tiny_camvid, tmp
 
 
 @pytest.mark.slow
+def test_an_announced_wrap_up_is_kept_inside_the_steps_own_budget(tiny_camvid, tmp_path, fake_clock):
+    """EWC/MAS's importance pass: the first later step has no measured wrap-up to reserve, so the
+    images a strategy announces (``wrap_up_images``) are kept inside the step's own budget."""
+    import dataclasses
+
+    from everseg.learn.strategies.base import Strategy
+
+    spec = get_protocol("camvid-6-1")
+    spec = dataclasses.replace(spec, steps=spec.steps[:3])  # base, Pole, SignSymbol
+    train = open_dataset(tiny_camvid, dataset="folder", split="train")
+    scenario = build_scenario(spec, train, open_dataset(tiny_camvid, dataset="folder", split="test"))
+
+    class AnnouncedWrapUp(Strategy):
+        name = "announced-wrap-up"
+
+        def before_forward(self, trainer, batch):
+            fake_clock.advance(1.0)  # one (fake) second per training image
+
+        def wrap_up_images(self, trainer):
+            return 2
+
+        def end_step(self, ctx, trainer):
+            fake_clock.advance(2.0)  # the two images, at the training speed
+
+    report = run_scenario(scenario, [AnnouncedWrapUp()], tiny_cfg(**{"train.epochs": 5, "train.batch_size": 1}),
+                          tmp_path / "run", progress=False, step_minutes=4.5 / 60)
+    # 2 s kept for the wrap-up leave 2.5 s: 2 training images, then the wrap-up: 4 s in all. The
+    # second step is not cut further for the first one's wrap-up: the reserve already covered it.
+    assert [r.images_seen for r in report.steps[1:]] == [2, 2]
+    assert [r.seconds for r in report.steps[1:]] == [pytest.approx(4.0)] * 2
+
+
+@pytest.mark.slow
 def test_later_steps_default_to_a_tenth_of_the_time_the_base_took(tiny_scenario, tmp_path, fake_clock):
     from everseg.learn.continual import default_step_minutes
     from everseg.learn.strategies.base import Strategy
@@ -437,3 +511,29 @@ def test_later_steps_default_to_a_tenth_of_the_time_the_base_took(tiny_scenario,
                           progress=False, step_epochs=2)
     n = len(tiny_scenario.steps[1].train)
     assert report.steps[1].images_seen == 2 * ((n // 4) * 4 if n >= 4 else n)
+
+
+def test_incremental_steps_train_at_their_share_of_the_lr(tiny_scenario, tmp_path):
+    """optim.incremental_lr_factor scales later steps' peak LR, not step 0's nor a retraining's."""
+    from everseg.learn.strategies.base import Strategy
+
+    peaks: dict[int, float] = {}
+
+    class PeakLR(Strategy):
+        name = "peak-lr"
+
+        def on_fit_start(self, trainer):
+            peaks[self.ctx.step_index] = max(g.get("initial_lr", g["lr"]) for g in trainer.optimizer.param_groups)
+
+    cfg = tiny_cfg(**{"optim.incremental_lr_factor": 0.1, "optim.lr": 0.02})
+    run_scenario(tiny_scenario, [PeakLR()], cfg, tmp_path / "run", progress=False, step_epochs=1)
+    assert peaks == {0: pytest.approx(0.02), 1: pytest.approx(0.002)}
+    # A resumed step goes on with the config it began with: the scaled LR is in it.
+    assert load_config(tmp_path / "run" / "step1" / "config.yaml", {}).optim.lr == pytest.approx(0.002)
+
+    class RetrainingPeakLR(PeakLR):
+        retrains = True
+
+    peaks.clear()
+    run_scenario(tiny_scenario, [RetrainingPeakLR()], cfg, tmp_path / "joint", progress=False, step_epochs=1)
+    assert peaks == {0: pytest.approx(0.02), 1: pytest.approx(0.02)}

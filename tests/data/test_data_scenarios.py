@@ -142,8 +142,23 @@ def test_voc_15_5_overlap_vs_disjoint(tmp_path):
     assert set(np.unique(t0)) == {0, 1, 255}  # 16 and 20 not learned yet -> background
 
 
+def test_camvid_10_1_disjoint_keeps_bicyclists_out_of_the_base(mini):
+    train, test = mini
+    bicyclist = train.label_space.index("Bicyclist")
+    with_one = set(np.flatnonzero(train.class_pixel_counts(per_image=True)[:, bicyclist] > 0))
+    assert 0 < len(with_one) < len(train)  # else the sample could not tell the settings apart
+    base = {}
+    for setting in ("overlap", "disjoint"):
+        sc = build_scenario(get_protocol(f"camvid-10-1-{setting}"), train, test)
+        assert sc.final_label_space.names[-1] == "Bicyclist" and len(sc.steps) == 2
+        base[setting] = {train.samples.index(s) for s in sc.steps[0].train.samples}
+        assert {train.samples.index(s) for s in sc.steps[1].train.samples} == with_one
+    assert base["disjoint"] == base["overlap"] - with_one and base["overlap"] & with_one
+
+
 def test_every_protocol_is_well_formed():
-    assert {"camvid-6-5", "camvid-6-1", "camvid-domains", "voc-19-1-overlap", "voc-15-5-disjoint",
+    assert {"camvid-6-5", "camvid-6-1", "camvid-domains", "camvid-10-1-overlap", "camvid-10-1-disjoint",
+            "voc-19-1-overlap", "voc-15-5-disjoint",
             "voc-15-1-overlap", "voc-10-1-disjoint", "ade20k-100-50", "ade20k-100-10",
             "ade20k-50-50"} <= set(PROTOCOLS)
     assert [len(PROTOCOLS[k].steps) for k in ("voc-15-1-overlap", "voc-10-1-overlap", "ade20k-100-10",

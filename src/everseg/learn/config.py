@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Mapping
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 # Numbers a config may hold: finite (a NaN learning rate trains an hour, then dies) and in range.
 Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]
@@ -73,6 +73,9 @@ class OptimConfig(_Section):
     momentum: Fraction = 0.9  # SGD momentum
     weight_decay: NonNegative = 1e-4  # applied to weights, not to norms and biases
     backbone_lr_factor: NonNegative = 1.0  # backbone LR = lr x this (discriminative learning rates)
+    # Peak LR of an incremental step (everseg learn, scenario run's later steps) = lr x this.
+    # MiB and PLOP train their later steps at a tenth of the first step's LR.
+    incremental_lr_factor: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] = 1.0
     schedule: Literal["poly", "cosine", "constant"] = "poly"  # decay after warm-up, per step
     poly_power: Positive = 0.9  # exponent of the poly schedule
     warmup_epochs: NonNegative = 0.0  # linear warm-up length, in epochs

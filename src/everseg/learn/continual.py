@@ -225,7 +225,8 @@ def _run_steps(scenario: Scenario, strategy: str | Sequence[Strategy], cfg: RunC
             wrap_start = time.perf_counter()
             for s in strategies:
                 s.end_step(ctx, trainer)
-            wrap_up = time.perf_counter() - wrap_start
+            # Beyond what the Trainer kept for it (the wrap-up images its plugins announced).
+            wrap_up = max(0.0, time.perf_counter() - wrap_start - trainer.reserved_seconds)
             seconds, seen = time.perf_counter() - start, fit.images_seen
             if t == 0 or retrains:
                 reference = seconds
@@ -291,8 +292,8 @@ def _new_report(scenario: Scenario, name: str) -> ContinualReport:
 
 def _step_config(cfg: RunConfig, later: bool, step_epochs: int | None, step_minutes: float | None,
                  reference: float | None, wrap_up: float, t: int) -> RunConfig:
-    """The step's epochs and time budget: step 0's for step 0 (and every step of a retraining
-    strategy), else the later steps' budget less the previous step's wrap-up."""
+    """The step's epochs, time budget and LR: step 0's for step 0 (and every step of a retraining
+    strategy), else the later steps' budget less the previous step's wrap-up, and their LR."""
     epochs = step_epochs if later and step_epochs is not None else cfg.train.epochs
     budget = step_minutes
     if later and budget is None and step_epochs is None and reference:
@@ -301,7 +302,9 @@ def _step_config(cfg: RunConfig, later: bool, step_epochs: int | None, step_minu
             log.info("each later step trains within %.1f minutes, a tenth of the %.1f the base took to learn "
                      "(--step-minutes or --step-epochs to choose)", budget, reference / 60)
     minutes = max(budget / 2, budget - wrap_up / 60) if later and budget is not None else cfg.train.max_minutes
-    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": epochs, "max_minutes": minutes})})
+    lr = cfg.optim.lr * cfg.optim.incremental_lr_factor if later else cfg.optim.lr
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": epochs, "max_minutes": minutes}),
+                                  "optim": cfg.optim.model_copy(update={"lr": lr})})
 
 
 def _load_base(base_model: Path, step: Step) -> nn.Module:

@@ -24,7 +24,8 @@ fusion) and which of them train, in ``on_fit_start`` (a frozen backbone);
 ``criterion.class_weights``, in ``on_fit_start`` (replay counting its memory); stopping,
 with ``request_stop()``; more optimiser steps, only through ``nested_step(batch)`` (from
 ``before_forward`` or ``after_step``: MER's per-image steps). Models a plugin runs beside the
-trained one are returned by ``frozen_models`` so the Trainer moves them to its device.
+trained one are returned by ``frozen_models`` so the Trainer moves them to its device; work
+a plugin does after training counts in the time budget when ``wrap_up_images`` announces it.
 """
 
 from __future__ import annotations
@@ -67,6 +68,11 @@ class Plugin:
 
     def on_fit_start(self, trainer: "Trainer") -> None:
         """After the model, optimiser and data are ready, before the first epoch."""
+
+    def wrap_up_images(self, trainer: "Trainer") -> int:
+        """Images the plugin will pass through the model after training (EWC's importance
+        pass): the Trainer keeps time for them inside its budget. Asked after ``on_fit_start``."""
+        return 0
 
     def on_epoch_start(self, trainer: "Trainer") -> None:
         """Before each epoch; ``trainer.epoch`` is the 0-based epoch about to run."""

@@ -140,6 +140,7 @@ class Trainer:
         # Wall time of one optimizer step (smoothed): the budget stops the loop before a step it
         # cannot finish, so a run ends inside its budget, not up to one step past it.
         self._step_seconds = 0.0
+        self._wrap_up_images = 0  # what the plugins will run through the model after training
         self.best_miou: float | None = None
         self.best_epoch: int | None = None
         self.stale_validations = 0
@@ -306,6 +307,7 @@ class Trainer:
         # Wrapped after the plugins set which weights train (a frozen backbone): DDP fixes them now.
         self._forward = self._data_parallel() if self.world is not None else self.model
         self._needs_features = any(p.needs_features for p in self.plugins)
+        self._wrap_up_images = sum(getattr(p, "wrap_up_images", lambda trainer: 0)(self) for p in self.plugins)
         if not resume:
             # Plugins' set-up passes (e.g. PLOP's pseudo-label thresholds) are part of what the
             # training costs, so they count against the time budget.
@@ -438,8 +440,19 @@ class Trainer:
             f"training diverged in epoch {self.epoch + 1}, step {step}: the loss is not finite "
             f"(mean terms so far: {terms}); {kept}lower optim.lr or the weight of the term that blew up")
 
+    @property
+    def reserved_seconds(self) -> float:
+        """Time of ``train.max_minutes`` kept for the plugins' work after training (their
+        ``wrap_up_images`` at the speed of the recent optimizer steps; at most half the budget)."""
+        budget, tc = self.config.train.max_minutes, self.config.train
+        if not budget or not self._wrap_up_images:
+            return 0.0
+        per_image = self._step_seconds / (tc.batch_size * tc.grad_accum)
+        return min(budget * 30, self._wrap_up_images * per_image)
+
     def budget_used(self, ahead: float = 0.0) -> float:
-        """Share of ``train.max_minutes`` spent so far (0 without a budget); drives the LR decay.
+        """Share of ``train.max_minutes``, less the time reserved for the plugins' wrap-up, spent
+        so far (0 without a budget); drives the LR decay.
 
         ``ahead``: seconds of work about to start, counted as if already spent (will it fit?).
         """
@@ -447,7 +460,7 @@ class Trainer:
         if not budget:
             return 0.0
         running = time.perf_counter() - self._epoch_start if self._epoch_start is not None else 0.0
-        return min(1.0, (self.train_seconds + running + ahead) / (budget * 60))
+        return min(1.0, (self.train_seconds + running + ahead) / (budget * 60 - self.reserved_seconds))
 
     def _budget_left_seconds(self) -> float | None:
         budget = self.config.train.max_minutes

@@ -10,6 +10,9 @@ A step that starts from a model trained elsewhere (a shared base, or ``everseg l
 a bare model) has no importance yet: it is then estimated from the previous model on the
 step's own images before training, with the previous model's predictions as labels where
 labels are needed (EWC). Without that the first step would have no penalty at all.
+The importance is saved beside every model a step writes, so a run that continues from
+that model (``--resume``, or ``learn`` again) goes on accumulating it instead of measuring
+it anew; the anchor is that model's own weights.
 
 The quadratic penalty is a spring of stiffness ``2 * weight * Omega`` per parameter; under
 SGD with learning rate ``lr`` it overshoots its anchor, and diverges, once ``lr`` times the
@@ -23,6 +26,7 @@ from __future__ import annotations
 import copy
 import logging
 from abc import ABC, abstractmethod
+from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -31,7 +35,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from everseg.learn.plugins import Batch, StepOutput
-from everseg.learn.strategies.base import Strategy
+from everseg.atomic import atomic_torch_save
+from everseg.learn.strategies.base import RunStart, Strategy
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +88,25 @@ class _ParameterImportance(Strategy, ABC):
         model.train(was_training)
         return {n: s / max(1, samples) for n, s in sums.items()}
 
+    def _stored(self, model_dir: Path) -> Path:
+        return model_dir / f"{self.name}-importance.pt"
+
+    def begin_run(self, run: RunStart) -> None:
+        stored = None if run.base_model is None else self._stored(run.base_model)
+        if not self.importance and stored is not None and stored.is_file():
+            self.importance = torch.load(stored, map_location="cpu", weights_only=True)
+            log.info("%s: importance accumulated so far loaded from %s", self.name, stored)
+
+    def save(self, model_dir: Path) -> None:
+        if self.importance:
+            # The anchor is not stored: it is the saved model's own weights.
+            atomic_torch_save(self._stored(model_dir), {n: w.detach().cpu() for n, w in self.importance.items()})
+
     def on_fit_start(self, trainer) -> None:
-        if not self.anchor and self.old_model is not None:
+        if not self.anchor and self.importance and self.old_model is not None:
+            # Importance stored with the model the run continues from: the anchor is that model.
+            self.anchor = {n: p.detach().clone() for n, p in self.old_model.named_parameters()}
+        elif not self.anchor and self.old_model is not None:
             # The previous model was trained elsewhere: measure what mattered to it now.
             old = copy.deepcopy(self.old_model)
             for p in old.parameters():
@@ -103,6 +125,9 @@ class _ParameterImportance(Strategy, ABC):
                 # reach the cap, which the papers' smaller lr x weight products never hit.
                 cap = 1.0 / (2.0 * self.weight * lr)
                 self.importance = {n: w.clamp(max=cap) for n, w in self.importance.items()}
+
+    def wrap_up_images(self, trainer) -> int:
+        return min(self.max_batches * self.batch_size, len(trainer.train_set))  # end_step's pass
 
     def end_step(self, ctx, trainer) -> None:
         for n, s in self._estimate(trainer.model, trainer, own_labels=False).items():
