@@ -225,8 +225,9 @@ def _run_steps(scenario: Scenario, strategy: str | Sequence[Strategy], cfg: RunC
             wrap_start = time.perf_counter()
             for s in strategies:
                 s.end_step(ctx, trainer)
-            # Beyond what the Trainer kept for it (the wrap-up images its plugins announced).
-            wrap_up = max(0.0, time.perf_counter() - wrap_start - trainer.reserved_seconds)
+            # Beyond what the strategies announced (their wrap-up images): the Trainer keeps time
+            # for that part itself.
+            wrap_up = max(0.0, time.perf_counter() - wrap_start - trainer.wrap_up_estimate)
             seconds, seen = time.perf_counter() - start, fit.images_seen
             if t == 0 or retrains:
                 reference = seconds

@@ -441,14 +441,17 @@ class Trainer:
             f"(mean terms so far: {terms}); {kept}lower optim.lr or the weight of the term that blew up")
 
     @property
+    def wrap_up_estimate(self) -> float:
+        """Seconds the plugins' work after training should take: their ``wrap_up_images`` at
+        the speed of the recent optimizer steps."""
+        tc = self.config.train
+        return self._wrap_up_images * self._step_seconds / (tc.batch_size * tc.grad_accum)
+
+    @property
     def reserved_seconds(self) -> float:
-        """Time of ``train.max_minutes`` kept for the plugins' work after training (their
-        ``wrap_up_images`` at the speed of the recent optimizer steps; at most half the budget)."""
-        budget, tc = self.config.train.max_minutes, self.config.train
-        if not budget or not self._wrap_up_images:
-            return 0.0
-        per_image = self._step_seconds / (tc.batch_size * tc.grad_accum)
-        return min(budget * 30, self._wrap_up_images * per_image)
+        """Time of ``train.max_minutes`` kept for the plugins' work after training (at most half)."""
+        budget = self.config.train.max_minutes
+        return min(budget * 30, self.wrap_up_estimate) if budget else 0.0
 
     def budget_used(self, ahead: float = 0.0) -> float:
         """Share of ``train.max_minutes``, less the time reserved for the plugins' wrap-up, spent
