@@ -91,7 +91,7 @@ def base_model(protocol: str, args) -> Path:
     """Step 0 of the protocol, trained once and shared by every strategy (and by joint)."""
     run = _base_dir(protocol, args)
     if not (run / "step0" / "model").is_dir():
-        minutes = args.domain_base_minutes if get_protocol(protocol).kind == "domain" else args.base_minutes
+        minutes = args.domain_base_minutes if run.name == "domains" else args.base_minutes
         run_scenario(_scenario(protocol, args, slice(0, 1)), "finetune", _config(args, minutes), run, progress=False)
     return run / "step0" / "model"
 

@@ -422,16 +422,21 @@ def test_a_steps_budget_counts_the_strategys_set_up(tiny_scenario, tmp_path, fak
     assert report.steps[1].images_seen == 4 and report.steps[1].seconds == pytest.approx(3.0)
 
 
-@pytest.mark.slow
-def test_a_steps_wrap_up_is_reserved_from_the_next_steps_budget(tiny_camvid, tmp_path, fake_clock):
+@pytest.fixture(scope="module")
+def three_steps(tiny_camvid):
+    """camvid-6-1's base and first two one-class steps (Pole, SignSymbol)."""
     import dataclasses
 
+    spec = get_protocol("camvid-6-1")
+    spec = dataclasses.replace(spec, steps=spec.steps[:3])
+    train = open_dataset(tiny_camvid, dataset="folder", split="train")
+    return build_scenario(spec, train, open_dataset(tiny_camvid, dataset="folder", split="test"))
+
+
+@pytest.mark.slow
+def test_a_steps_wrap_up_is_reserved_from_the_next_steps_budget(three_steps, tmp_path, fake_clock):
     from everseg.learn.strategies.base import Strategy
 
-    spec = get_protocol("camvid-6-1")
-    spec = dataclasses.replace(spec, steps=spec.steps[:3])  # base, Pole, SignSymbol
-    train = open_dataset(tiny_camvid, dataset="folder", split="train")
-    scenario = build_scenario(spec, train, open_dataset(tiny_camvid, dataset="folder", split="test"))
 
     class SlowWrapUp(Strategy):
         name = "slow-wrap-up"
@@ -442,7 +447,7 @@ def test_a_steps_wrap_up_is_reserved_from_the_next_steps_budget(tiny_camvid, tmp
         def end_step(self, ctx, trainer):
             fake_clock.advance(1.5)  # e.g. an importance pass after training
 
-    report = run_scenario(scenario, [SlowWrapUp()], tiny_cfg(**{"train.epochs": 5, "train.batch_size": 1}),
+    report = run_scenario(three_steps, [SlowWrapUp()], tiny_cfg(**{"train.epochs": 5, "train.batch_size": 1}),
                           tmp_path / "run", progress=False, step_minutes=4.0 / 60)
     # Step 0 (no budget) measured the wrap-up; each later step reserves it: 2 steps + 1.5 s = 3.5 s.
     # Without the reserve a third step would fit the training budget and the step would take 4.5 s.
@@ -451,17 +456,11 @@ def test_a_steps_wrap_up_is_reserved_from_the_next_steps_budget(tiny_camvid, tmp
 
 
 @pytest.mark.slow
-def test_an_announced_wrap_up_is_kept_inside_the_steps_own_budget(tiny_camvid, tmp_path, fake_clock):
+def test_an_announced_wrap_up_is_kept_inside_the_steps_own_budget(three_steps, tmp_path, fake_clock):
     """EWC/MAS's importance pass: the first later step has no measured wrap-up to reserve, so the
     images a strategy announces (``wrap_up_images``) are kept inside the step's own budget."""
-    import dataclasses
-
     from everseg.learn.strategies.base import Strategy
 
-    spec = get_protocol("camvid-6-1")
-    spec = dataclasses.replace(spec, steps=spec.steps[:3])  # base, Pole, SignSymbol
-    train = open_dataset(tiny_camvid, dataset="folder", split="train")
-    scenario = build_scenario(spec, train, open_dataset(tiny_camvid, dataset="folder", split="test"))
 
     class AnnouncedWrapUp(Strategy):
         name = "announced-wrap-up"
@@ -475,7 +474,7 @@ def test_an_announced_wrap_up_is_kept_inside_the_steps_own_budget(tiny_camvid, t
         def end_step(self, ctx, trainer):
             fake_clock.advance(2.0)  # the two images, at the training speed
 
-    report = run_scenario(scenario, [AnnouncedWrapUp()], tiny_cfg(**{"train.epochs": 5, "train.batch_size": 1}),
+    report = run_scenario(three_steps, [AnnouncedWrapUp()], tiny_cfg(**{"train.epochs": 5, "train.batch_size": 1}),
                           tmp_path / "run", progress=False, step_minutes=4.5 / 60)
     # 2 s kept for the wrap-up leave 2.5 s: 2 training images, then the wrap-up: 4 s in all. The
     # second step is not cut further for the first one's wrap-up: the reserve already covered it.

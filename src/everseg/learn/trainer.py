@@ -307,7 +307,7 @@ class Trainer:
         # Wrapped after the plugins set which weights train (a frozen backbone): DDP fixes them now.
         self._forward = self._data_parallel() if self.world is not None else self.model
         self._needs_features = any(p.needs_features for p in self.plugins)
-        self._wrap_up_images = sum(getattr(p, "wrap_up_images", lambda trainer: 0)(self) for p in self.plugins)
+        self._wrap_up_images = sum(p.wrap_up_images(self) for p in self.plugins)
         if not resume:
             # Plugins' set-up passes (e.g. PLOP's pseudo-label thresholds) are part of what the
             # training costs, so they count against the time budget.

@@ -34,8 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from everseg.learn.plugins import Batch, StepOutput
 from everseg.atomic import atomic_torch_save
+from everseg.learn.plugins import Batch, StepOutput
 from everseg.learn.strategies.base import RunStart, Strategy
 
 log = logging.getLogger(__name__)
@@ -103,16 +103,15 @@ class _ParameterImportance(Strategy, ABC):
             atomic_torch_save(self._stored(model_dir), {n: w.detach().cpu() for n, w in self.importance.items()})
 
     def on_fit_start(self, trainer) -> None:
-        if not self.anchor and self.importance and self.old_model is not None:
-            # Importance stored with the model the run continues from: the anchor is that model.
+        if not self.anchor and self.old_model is not None:
+            if not self.importance:
+                # The previous model was trained elsewhere: measure what mattered to it now.
+                old = copy.deepcopy(self.old_model)
+                for p in old.parameters():
+                    p.requires_grad_(True)
+                self.importance = self._estimate(old, trainer, own_labels=True)
+            # (Else the importance was stored with the model the run continues from.)
             self.anchor = {n: p.detach().clone() for n, p in self.old_model.named_parameters()}
-        elif not self.anchor and self.old_model is not None:
-            # The previous model was trained elsewhere: measure what mattered to it now.
-            old = copy.deepcopy(self.old_model)
-            for p in old.parameters():
-                p.requires_grad_(True)
-            self.importance = self._estimate(old, trainer, own_labels=True)
-            self.anchor = {n: p.detach().clone() for n, p in old.named_parameters()}
         if self.anchor:
             # Measured or resumed on another device than this run's (checkpoints load on the CPU).
             self.anchor = {n: a.to(trainer.device) for n, a in self.anchor.items()}
