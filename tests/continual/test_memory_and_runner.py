@@ -295,6 +295,9 @@ def test_importance_saved_with_the_model_carries_over_to_a_run_continuing_from_i
     (fresh,) = build_strategies(strategy)
     fresh.begin_run(RunStart(base_model=tmp_path / "elsewhere", seed=0))  # nothing stored: nothing loaded
     assert not fresh.importance
+    (tmp_path / f"{strategy}-importance.pt").write_text("garbage")
+    with pytest.raises(ValueError, match=f"{strategy}-importance.pt: not a readable {strategy} importance file"):
+        build_strategies(strategy)[0].begin_run(RunStart(base_model=tmp_path, seed=0))
 
 
 @pytest.mark.slow

@@ -94,7 +94,11 @@ class _ParameterImportance(Strategy, ABC):
     def begin_run(self, run: RunStart) -> None:
         stored = None if run.base_model is None else self._stored(run.base_model)
         if not self.importance and stored is not None and stored.is_file():
-            self.importance = torch.load(stored, map_location="cpu", weights_only=True)
+            try:
+                self.importance = torch.load(stored, map_location="cpu", weights_only=True)
+            except Exception:  # torch's unpickling errors run over lines and suggest an unsafe load
+                raise ValueError(f"{stored}: not a readable {self.name} importance file (damaged, or not "
+                                 "written by everseg); delete it to measure the importance anew") from None
             log.info("%s: importance accumulated so far loaded from %s", self.name, stored)
 
     def save(self, model_dir: Path) -> None:
