@@ -539,3 +539,23 @@ def test_incremental_steps_train_at_their_share_of_the_lr(tiny_scenario, tmp_pat
     peaks.clear()
     run_scenario(tiny_scenario, [RetrainingPeakLR()], cfg, tmp_path / "joint", progress=False, step_epochs=1)
     assert peaks == {0: pytest.approx(0.02), 1: pytest.approx(0.02)}
+
+
+def _backbone_moved(before, after) -> bool:
+    a, b = before.backbone.state_dict(), after.backbone.state_dict()
+    return any(not torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("mode", ["frozen", "full"])
+def test_incremental_steps_train_the_backbone_as_incremental_finetune_says(tiny_scenario, tmp_path, mode):
+    """Later steps keep the backbone (statistics included) by default and train it with
+    train.incremental_finetune=full; step 0 trains it either way (train.finetune=full)."""
+    over = {} if mode == "frozen" else {"train.incremental_finetune": mode}
+    run_scenario(tiny_scenario, "finetune", tiny_cfg(**over), tmp_path / "run", progress=False, step_epochs=1)
+    step0 = load_model(tmp_path / "run" / "step0" / "model")
+    step1 = load_model(tmp_path / "run" / "step1" / "model")
+    assert _backbone_moved(step0, step1) == (mode == "full")
+    head0, head1 = step0.decoder.state_dict(), step1.decoder.state_dict()
+    assert any(not torch.equal(head0[k], head1[k]) for k in head0)  # the decoder learned in both modes
+    assert load_config(tmp_path / "run" / "step1" / "config.yaml", {}).train.finetune == mode
+    assert load_config(tmp_path / "run" / "step0" / "config.yaml", {}).train.finetune == "full"

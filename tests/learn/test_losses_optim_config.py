@@ -147,3 +147,12 @@ def test_the_shaped_cross_entropy_is_torchs_when_nothing_is_shaped():
     shape.merge_background(3, "again")
     with pytest.raises(ValueError, match="label 0 already stands for classes 0..2"):
         shape.merge_background(4, "other")
+
+
+@pytest.mark.parametrize("value", ["0", "11", "nan", "abc"])
+def test_incremental_lr_factor_out_of_range_is_refused(value):
+    with pytest.raises(ConfigError, match="optim.incremental_lr_factor"):
+        load_config(None, {"optim.incremental_lr_factor": value})
+    assert load_config(None, {"optim.incremental_lr_factor": "10"}).optim.incremental_lr_factor == 10
+    with pytest.raises(ConfigError, match="train.incremental_finetune"):
+        load_config(None, {"train.incremental_finetune": "half"})

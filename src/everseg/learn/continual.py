@@ -219,7 +219,7 @@ def _run_steps(scenario: Scenario, strategy: str | Sequence[Strategy], cfg: RunC
             for s in strategies:
                 s.begin_step(ctx)
             trainer = Trainer(model, data.with_transform(augment), None, step_cfg,
-                              out / f"step{t}", plugins=[*finetune_plugins(cfg), *strategies], progress=progress,
+                              out / f"step{t}", plugins=[*finetune_plugins(step_cfg), *strategies], progress=progress,
                               budget_spent=time.perf_counter() - start)
             fit = trainer.fit(resume=interrupted)
             wrap_start = time.perf_counter()
@@ -293,8 +293,9 @@ def _new_report(scenario: Scenario, name: str) -> ContinualReport:
 
 def _step_config(cfg: RunConfig, later: bool, step_epochs: int | None, step_minutes: float | None,
                  reference: float | None, wrap_up: float, t: int) -> RunConfig:
-    """The step's epochs, time budget and LR: step 0's for step 0 (and every step of a retraining
-    strategy), else the later steps' budget less the previous step's wrap-up, and their LR."""
+    """The step's epochs, time budget, LR and what of the backbone trains: step 0's for step 0
+    (and every step of a retraining strategy), else the later steps' budget less the previous
+    step's wrap-up, their LR and their fine-tuning mode."""
     epochs = step_epochs if later and step_epochs is not None else cfg.train.epochs
     budget = step_minutes
     if later and budget is None and step_epochs is None and reference:
@@ -304,7 +305,9 @@ def _step_config(cfg: RunConfig, later: bool, step_epochs: int | None, step_minu
                      "(--step-minutes or --step-epochs to choose)", budget, reference / 60)
     minutes = max(budget / 2, budget - wrap_up / 60) if later and budget is not None else cfg.train.max_minutes
     lr = cfg.optim.lr * cfg.optim.incremental_lr_factor if later else cfg.optim.lr
-    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": epochs, "max_minutes": minutes}),
+    finetune = cfg.train.incremental_finetune if later else cfg.train.finetune
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": epochs, "max_minutes": minutes,
+                                                                        "finetune": finetune}),
                                   "optim": cfg.optim.model_copy(update={"lr": lr})})
 
 
