@@ -75,7 +75,7 @@ class OptimConfig(_Section):
     backbone_lr_factor: NonNegative = 1.0  # backbone LR = lr x this (discriminative learning rates)
     # Peak LR of an incremental step (everseg learn, scenario run's later steps) = lr x this.
     # 5 with the frozen backbone of train.incremental_finetune: a step has a tenth of the base's
-    # time, and at the base's LR it barely learns the new classes (benchmarks/README.md, [step10-fast]).
+    # time, and at the base's LR it barely learns the new classes (benchmarks/README.md, [step10-frozen]).
     incremental_lr_factor: Annotated[float, Field(gt=0, le=10, allow_inf_nan=False)] = 5.0
     schedule: Literal["poly", "cosine", "constant"] = "poly"  # decay after warm-up, per step
     poly_power: Positive = 0.9  # exponent of the poly schedule
