@@ -353,6 +353,10 @@ def main() -> None:
     parser.add_argument("--tag", default=None, help="a name for runs at another budget: kept apart from the main table")
     parser.add_argument("--runs", type=Path, default=None, help="where runs go (default runs/continual[-TAG])")
     args = parser.parse_args()
+    if args.runs is not None and args.tag is None:
+        # The untagged table (results/continual-<protocol>.json and its README section) is the
+        # main one: an experiment elsewhere must not rewrite it.
+        parser.error("--runs needs a --tag: without one, the runs' table would replace the main table")
     args.runs = (args.runs or BENCH_DIR / "runs" / ("continual" + (f"-{args.tag}" if args.tag else ""))).resolve()
     # Recorded with each run it makes: which invocation (budget, overrides) produced it.
     args.command = "python benchmarks/continual.py " + " ".join(sys.argv[1:])
