@@ -559,3 +559,11 @@ def test_incremental_steps_train_the_backbone_as_incremental_finetune_says(tiny_
     assert any(not torch.equal(head0[k], head1[k]) for k in head0)  # the decoder learned in both modes
     assert load_config(tmp_path / "run" / "step1" / "config.yaml", {}).train.finetune == mode
     assert load_config(tmp_path / "run" / "step0" / "config.yaml", {}).train.finetune == "full"
+
+
+def test_a_later_step_trains_the_backbone_a_frozen_step_0_left_frozen(tiny_scenario, tmp_path):
+    """train.finetune=frozen for step 0, train.incremental_finetune=full for the later steps."""
+    cfg = tiny_cfg(**{"train.finetune": "frozen", "train.incremental_finetune": "full"})
+    run_scenario(tiny_scenario, "finetune", cfg, tmp_path / "run", progress=False, step_epochs=1)
+    step0 = load_model(tmp_path / "run" / "step0" / "model")
+    assert _backbone_moved(step0, load_model(tmp_path / "run" / "step1" / "model"))

@@ -327,6 +327,11 @@ def _step_model(cfg: RunConfig, step: Step, previous: nn.Module | None, strategi
     if previous is None:
         return _new_model(cfg, step)
     model = copy.deepcopy(previous)
+    # What of it trains is this step's choice (its train.finetune), not what the previous step's
+    # fine-tuning mode left frozen: the step's plugins freeze from a fully trainable model.
+    model.freeze_backbone(False)
+    for p in model.parameters():
+        p.requires_grad_(True)
     if step.label_space.num_classes > model.num_classes:
         head_init = "background" if any(s.head_init == "background" for s in strategies) else "random"
         model.grow_classifier(step.label_space, init=head_init)
