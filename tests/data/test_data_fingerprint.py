@@ -43,6 +43,7 @@ def test_camvid_sized_images_get_the_tuned_camvid_recipe():
     assert plan.values["data.crop_size"] == (288, 384)
     assert plan.values["data.scale"] == (0.6, 1.6)
     assert plan.values["train.batch_size"] == 8
+    assert plan.values["optim.lr"] == 0.02 and plan.values["optim.warmup_epochs"] == 1.0
     assert set(plan.reasons) == set(FITTED_FIELDS)
 
 
@@ -62,6 +63,15 @@ def test_large_images_get_a_crop_within_the_cpu_budget_with_their_aspect():
     assert plan.values["data.scale"] == (0.5, 1.5)
     assert plan.values["train.batch_size"] == 2  # at most half of 4 images
     assert "capped" in plan.reasons["data.crop_size"]
+
+
+def test_the_warm_up_is_one_epoch_but_no_more_than_the_recipes_steps():
+    many = fingerprint(dataset([(360, 480)] * 1000), max_images=5)
+    plan = plan_defaults(many, {"data.crop_size", "train.batch_size", "optim.warmup_epochs"})
+    assert plan.values["train.batch_size"] == 8
+    assert plan.values["optim.warmup_epochs"] == pytest.approx(60 / 125)  # 125 steps an epoch
+    # The user's batch counts: 1000 images in batches of 100 are 10 steps, under 60.
+    assert plan_defaults(many, {"optim.warmup_epochs"}, batch_size=100).values == {"optim.warmup_epochs": 1.0}
 
 
 def test_the_loss_follows_the_class_balance():
@@ -85,7 +95,9 @@ def test_fields_the_user_set_are_kept_and_fitting_can_be_switched_off(caplog):
     fitted, plan = fit_to_data(load_config(None, {"data.crop_size": [64, 64], "loss.kind": "ce"}), photos)
     assert fitted.data.crop_size == (64, 64) and fitted.loss.kind == "ce"
     assert fitted.loss.class_weights == "inverse_sqrt" and fitted.train.batch_size == 5
-    assert set(plan.values) == {"data.scale", "train.batch_size", "loss.class_weights"}
+    assert set(plan.values) == {"data.scale", "train.batch_size", "optim.lr", "optim.warmup_epochs",
+                                "loss.class_weights"}
+    assert fitted.optim.lr == 0.02 and fitted.optim.warmup_epochs == 1.0
     # The scale range follows the user's crop: 64x64 is a third of a 180x240 photo.
     assert plan.values["data.scale"] == (0.5, 1.5)
     assert "fitted to photos" in caplog.text and "no pixels of" not in caplog.text

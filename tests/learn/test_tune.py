@@ -93,10 +93,10 @@ def test_a_study_writes_the_best_config_the_table_and_plots(tiny_camvid, space, 
     overrides = {**TINY, "data.path": str(tiny_camvid)}
     report = tune(None, out, trials=3, overrides=overrides, space=space, progress=False, pruner="none")
     assert len(report.trials) == 3 and all(t["state"] == "complete" for t in report.trials)
-    # The first trial is what train would run: the defaults (lr 0.01) with the loss fitted to the data.
+    # The first trial is what train would run: the defaults with the LR and the loss fitted to the data.
     fitted = _as_trained(load_config(None, overrides))
-    assert fitted.loss.kind == "ce+dice"  # 11 CamVid classes, far from balanced
-    assert report.trials[0]["optim.lr"] == pytest.approx(0.01) and report.trials[0]["loss.kind"] == "ce+dice"
+    assert fitted.loss.kind == "ce+dice" and fitted.optim.lr == 0.02
+    assert report.trials[0]["optim.lr"] == pytest.approx(0.02) and report.trials[0]["loss.kind"] == "ce+dice"
     assert report.best_value == pytest.approx(max(t["val_miou"] for t in report.trials), abs=0.01)
     for name in ("best.yaml", "trials.csv", "trials.md", "history.png", "importance.png", "study.db"):
         assert (out / name).is_file(), name

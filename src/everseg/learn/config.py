@@ -42,7 +42,7 @@ class DataConfig(_Section):
     color_jitter: NonNegative = 0.0  # brightness/contrast/saturation jitter strength
     cache: Literal["auto", "memory", "none"] = "auto"  # keep decoded images in RAM when they fit
     num_workers: Annotated[int, Field(ge=0)] = 0  # DataLoader worker processes (0 = augment in the training process)
-    fit_to_data: bool = True  # crop, scale, batch and loss fields left unset follow the training images (everseg.data.fingerprint)
+    fit_to_data: bool = True  # crop, scale, batch, LR, warm-up and loss fields left unset follow the training images (everseg.data.fingerprint)
 
     @field_validator("val_split", mode="before")
     @classmethod

@@ -52,11 +52,12 @@ def build_datasets(cfg: RunConfig) -> tuple[SegmentationDataset, SegmentationDat
 
 
 # Config fields a dataset's fingerprint may choose when the user leaves them unset.
-FITTED_FIELDS = ("data.crop_size", "data.scale", "train.batch_size", "loss.kind", "loss.class_weights")
+FITTED_FIELDS = ("data.crop_size", "data.scale", "train.batch_size", "optim.lr", "optim.warmup_epochs", "loss.kind",
+                 "loss.class_weights")
 
 
 def fit_to_data(cfg: RunConfig, train_set: SegmentationDataset) -> tuple[RunConfig, Plan | None]:
-    """``cfg`` with the crop, scale, batch and loss fields the user left unset (in the config file
+    """``cfg`` with the crop, scale, batch, learning-rate and loss fields the user left unset (in the config file
     and ``--set``) chosen from the training images, as ``everseg.data.fingerprint`` explains;
     the config unchanged (and no plan) when every one is set or ``data.fit_to_data`` is off."""
     from everseg.data.fingerprint import fingerprint, plan_defaults
@@ -65,7 +66,8 @@ def fit_to_data(cfg: RunConfig, train_set: SegmentationDataset) -> tuple[RunConf
     if not cfg.data.fit_to_data or not unset:
         return cfg, None
     fp = fingerprint(train_set)
-    plan = plan_defaults(fp, unset, loss_kind=cfg.loss.kind, crop_size=cfg.data.crop_size)
+    plan = plan_defaults(fp, unset, loss_kind=cfg.loss.kind, crop_size=cfg.data.crop_size,
+                         batch_size=cfg.train.batch_size)
     plan.fingerprint = fp
     fitted = with_values(cfg, plan.values)
     absent = fp.absent_classes()
