@@ -155,7 +155,7 @@ def plan_defaults(fp: Fingerprint, fields: set[str], *, loss_kind: str = "ce",
     if "optim.warmup_epochs" in fields:
         steps = max(1, math.ceil(fp.images / max(1, batch)))
         plan.values["optim.warmup_epochs"] = 1.0 if steps <= WARMUP_STEPS else round(WARMUP_STEPS / steps, 3)
-        plan.reasons["optim.warmup_epochs"] = f"the recipe's one epoch, at most {WARMUP_STEPS} steps ({steps} an epoch here)"
+        plan.reasons["optim.warmup_epochs"] = f"the recipe's one epoch, at most {WARMUP_STEPS} steps; {steps} steps an epoch here"
     imbalanced = fp.imbalance >= IMBALANCE_FOR_DICE
     ratio = f"the commonest class has {fp.imbalance:.0f}x the pixels of the rarest"
     if "loss.kind" in fields:
