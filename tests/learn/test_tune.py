@@ -106,6 +106,8 @@ def test_a_study_writes_the_best_config_the_table_and_plots(tiny_camvid, space, 
     assert best.optim.lr == pytest.approx(report.best_params["optim.lr"])
     assert best.loss.kind == report.best_params["loss.kind"]
     assert best.model.arch == "lraspp" and best.data.crop_size == (48, 64)
+    # ... with what the trials fitted to the data, not the built-in defaults they replaced.
+    assert best.optim.warmup_epochs == fitted.optim.warmup_epochs == 1.0 and best.data.scale == fitted.data.scale
     # Each validation was reported: the pruner had something to judge.
     stored = optuna.load_study(study_name="everseg", storage=f"sqlite:///{out / 'study.db'}")
     assert all(len(t.intermediate_values) == 2 for t in stored.trials)

@@ -382,7 +382,9 @@ def _write_results(study, out: Path, config, overrides: dict[str, Any], labels: 
     if best is not None:
         best_params = {p.name: json.loads(best.params[p.name]) if p.choices else best.params[p.name]
                        for p in params if p.name in best.params}
-        cfg = load_config(config, {**overrides, **best_params}, labels=labels)
+        # As the trial ran: with the fields train fitted to the data written out, since every
+        # field in the file counts as set and would otherwise replay the built-in defaults.
+        cfg = _as_trained(load_config(config, {**overrides, **best_params}, labels=labels))
         header = (f"# everseg tune: trial {best.number} of {out}, validation mIoU {best.value:.2f}\n"
                   f"# tuned: {', '.join(f'{k}={v}' for k, v in best_params.items())}\n")
         atomic_write_text(out / "best.yaml", header + cfg.to_yaml())
