@@ -117,6 +117,7 @@ def train_and_test(name: str, data: Path, minutes: float, config: list[str], set
     cfg = yaml.safe_load(saved)
     return {"row": name, "miou": m["miou"], "seconds": seconds,
             "crop": cfg["data"]["crop_size"], "scale": cfg["data"]["scale"], "batch": cfg["train"]["batch_size"],
+            "lr": cfg["optim"]["lr"], "warmup": cfg["optim"]["warmup_epochs"],
             "loss": cfg["loss"]["kind"], "class_weights": cfg["loss"]["class_weights"],
             "fitted": json.loads(fitted.read_text())["chosen"] if fitted.is_file() else None}
 
@@ -151,12 +152,13 @@ def table(result: dict) -> str:
              f"epoch and is scored on the test images. `study`: `everseg tune` of {result['trials']} trials of "
              f"{result['minutes']:g} minutes from no config, then its best.yaml trained again. Goal: `fitted` within "
              f"{GOAL:g} mIoU of `study`.", "",
-             "| dataset | row | test mIoU | crop | scale | batch | loss | class weights |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| dataset | row | test mIoU | crop | scale | batch | LR | warm-up epochs | loss | class weights |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for ds in result["datasets"]:
         for r in ds["rows"]:
+            lr = f"{r['lr']:.3g} | {r['warmup']:g}" if "lr" in r else "– | –"  # not recorded before ba3204c
             lines.append(f"| {ds['dataset']} | {r['row']} | {r['miou']:.1f} | {r['crop']} | {r['scale']} | {r['batch']} "
-                         f"| {r['loss']} | {r['class_weights']} |")
+                         f"| {lr} | {r['loss']} | {r['class_weights']} |")
     for ds in result["datasets"]:
         by = {r["row"]: r for r in ds["rows"]}
         if "study" in by and "fitted" in by:
@@ -169,10 +171,16 @@ def table(result: dict) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--report", action="store_true", help="rewrite the README section from results/fit-to-data.json")
     p.add_argument("--datasets", nargs="+", default=["camvid-small", "isbi-em"], choices=["camvid-small", "isbi-em"])
     p.add_argument("--minutes", type=float, default=6.0)
     p.add_argument("--trials", type=int, default=6)
     args = p.parse_args()
+    if args.report:
+        result = json.loads((BENCH_DIR / "results" / "fit-to-data.json").read_text())
+        update_readme_section("fit-to-data", table(result))
+        print(table(result))
+        return
     built = {"camvid-small": lambda: build_camvid_small(SHARED_DATA / "camvid", RUNS / "data" / "camvid-small"),
              "isbi-em": lambda: build_isbi(SHARED_DATA / "isbi-em", RUNS / "data" / "isbi-em")}
     result = {"machine": machine_info(), "minutes": args.minutes, "trials": args.trials,
