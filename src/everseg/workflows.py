@@ -344,6 +344,14 @@ def starting_memory(model_dir: Path, model: torch.nn.Module, *, budget: int, see
     return memory
 
 
+def _fitted_to(cfg: Any, pool: Any) -> Any:
+    """``cfg`` with the fields left unset fitted to the training pool, as ``train`` does (the
+    crop, scale, batch, LR, warm-up and loss; everseg.data.fingerprint), for every step."""
+    from everseg.learn.run import fit_to_data
+
+    return fit_to_data(cfg, pool)[0]
+
+
 def teach(model: str | Path, data: str | Path, out: str | Path, *, new_classes: Sequence[str] | None = None,
           strategy: str | None = None, dataset: str | None = None, split: str = "train", test_split: str = "test",
           config: Any = None, epochs: int | None = None, minutes: float | None = None, memory_size: int = 20,
@@ -376,6 +384,7 @@ def teach(model: str | Path, data: str | Path, out: str | Path, *, new_classes: 
     strategies = build_strategies(strategy, with_memory_size(strategy, params, memory_size))
     pool = open_dataset(data, dataset=dataset, split=split)
     test = open_dataset(data, dataset=dataset, split=test_split)
+    cfg = _fitted_to(cfg, pool)
     if new_classes:
         spec = class_incremental_spec(base.label_space.names, list(new_classes))
     else:  # same classes, new data: speak the model's class ids
@@ -417,7 +426,7 @@ def run_named_scenario(data: str | Path, out: str | Path, *, protocol: str | Non
     test = open_dataset(data, dataset=kind, split=spec.test_split)
     sc = build_scenario(spec, pool, test, base_dir=Path(scenario).parent if scenario else None,
                         base_trained=base_dir is not None)
-    cfg = config if config is not None else load_config(None, {"data.val_split": None})
+    cfg = _fitted_to(config if config is not None else load_config(None, {"data.val_split": None}), pool)
     strategy = strategy or default_strategy(spec.kind == "class")
     return run_scenario(sc, strategy, cfg, out, step_epochs=step_epochs, step_minutes=step_minutes,
                         base_model=base_dir, params=params, memory_size=memory_size, progress=progress,

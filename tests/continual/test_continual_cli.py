@@ -76,6 +76,10 @@ def test_scenario_run_takes_strategy_params_and_step_budget(tiny_camvid, tmp_pat
     step1 = yaml.safe_load((tmp_path / "ok" / "step1" / "config.yaml").read_text())
     # Step 1's trainer gets the step's budget less the step-0 wrap-up it reserves (the memory update).
     assert 0.45 < step1["train"]["max_minutes"] <= 0.5 and step0["train"]["max_minutes"] != 0.5
+    # What the config leaves out is fitted to the data, as train does; what it sets is kept.
+    assert step0["data"]["crop_size"] == [48, 64] and step0["train"]["batch_size"] == 4
+    assert step0["optim"]["lr"] == 0.02 and step0["loss"]["kind"] == "ce+dice"
+    assert step1["optim"]["lr"] == pytest.approx(0.02 * 5)  # the later steps' factor on the fitted LR
 
 
 def test_a_killed_scenario_run_resumes_where_it_stopped(tiny_camvid, tmp_path):
