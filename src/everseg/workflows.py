@@ -344,14 +344,6 @@ def starting_memory(model_dir: Path, model: torch.nn.Module, *, budget: int, see
     return memory
 
 
-def _fitted_to(cfg: Any, pool: Any) -> Any:
-    """``cfg`` with the fields left unset fitted to the training pool, as ``train`` does (the
-    crop, scale, batch, LR, warm-up and loss; everseg.data.fingerprint), for every step."""
-    from everseg.learn.run import fit_to_data
-
-    return fit_to_data(cfg, pool)[0]
-
-
 def teach(model: str | Path, data: str | Path, out: str | Path, *, new_classes: Sequence[str] | None = None,
           strategy: str | None = None, dataset: str | None = None, split: str = "train", test_split: str = "test",
           config: Any = None, epochs: int | None = None, minutes: float | None = None, memory_size: int = 20,
@@ -370,6 +362,7 @@ def teach(model: str | Path, data: str | Path, out: str | Path, *, new_classes: 
     from everseg.data.scenarios import align_labels, build_scenario
     from everseg.learn import load_config
     from everseg.learn.continual import class_incremental_spec, domain_spec, run_scenario
+    from everseg.learn.run import fit_to_data
     from everseg.learn.rundir import claim_run_folder
     from everseg.learn.strategies import build_strategies, default_strategy, with_memory_size
 
@@ -384,7 +377,7 @@ def teach(model: str | Path, data: str | Path, out: str | Path, *, new_classes: 
     strategies = build_strategies(strategy, with_memory_size(strategy, params, memory_size))
     pool = open_dataset(data, dataset=dataset, split=split)
     test = open_dataset(data, dataset=dataset, split=test_split)
-    cfg = _fitted_to(cfg, pool)
+    cfg = fit_to_data(cfg, pool)[0]  # the fields left unset follow the new data, as in train
     if new_classes:
         spec = class_incremental_spec(base.label_space.names, list(new_classes))
     else:  # same classes, new data: speak the model's class ids
@@ -412,6 +405,7 @@ def run_named_scenario(data: str | Path, out: str | Path, *, protocol: str | Non
     from everseg.data.scenarios import ScenarioSpec, build_scenario
     from everseg.learn import load_config
     from everseg.learn.continual import run_scenario
+    from everseg.learn.run import fit_to_data
     from everseg.learn.rundir import claim_run_folder
     from everseg.learn.strategies import default_strategy
 
@@ -426,7 +420,8 @@ def run_named_scenario(data: str | Path, out: str | Path, *, protocol: str | Non
     test = open_dataset(data, dataset=kind, split=spec.test_split)
     sc = build_scenario(spec, pool, test, base_dir=Path(scenario).parent if scenario else None,
                         base_trained=base_dir is not None)
-    cfg = _fitted_to(config if config is not None else load_config(None, {"data.val_split": None}), pool)
+    # The fields left unset follow the training pool, as in train, for every step.
+    cfg = fit_to_data(config if config is not None else load_config(None, {"data.val_split": None}), pool)[0]
     strategy = strategy or default_strategy(spec.kind == "class")
     return run_scenario(sc, strategy, cfg, out, step_epochs=step_epochs, step_minutes=step_minutes,
                         base_model=base_dir, params=params, memory_size=memory_size, progress=progress,
