@@ -380,3 +380,55 @@ def test_importance_is_the_mean_over_images_not_of_the_batch_gradient(cls):
     strategy.sample_importance(model, Batch(images, masks, list("0123")))
     batch_form = sum(float(cls.grad_to_importance(p.grad).sum()) for p in model.parameters())
     assert batch_form < sum(float(v.sum()) for v in expected.values())
+
+
+def test_a_frozen_backbone_shared_with_the_old_model_is_not_run_twice():
+    from types import SimpleNamespace
+
+    from everseg.data.labelspace import LabelSpace
+    from everseg.learn.plugins import StepOutput
+    from everseg.learn.strategies.base import ContinualContext
+    from everseg.learn.strategies.mib import MiB
+    from everseg.models import create_model
+
+    torch.manual_seed(0)
+    old_space, new_space = LabelSpace(("bg", "a")), LabelSpace(("bg", "a", "b"))
+    old = create_model(arch="deeplabv3plus", backbone="mobilenet_v2", label_space=old_space, pretrained=False)
+    for m in old.modules():  # BatchNorm statistics that are not the identity
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    old.eval().requires_grad_(False)
+    new = copy.deepcopy(old).requires_grad_(True).train()
+    new.grow_classifier(new_space)
+    new.freeze_backbone()
+    image = torch.rand(2, 3, 50, 70)  # not a multiple of the stride: the head pads as forward does
+    logits, feats = new(image, return_features=True)
+    mib = MiB()
+    mib.begin_step(ContinualContext(step=None, step_index=1, old_model=old, old_num_classes=2))
+    assert mib.needs_features
+    trainer = SimpleNamespace(model=new)
+    full = old(image)
+    calls = []
+    hook = old.backbone.register_forward_hook(lambda *a: calls.append(1))
+    shared = mib.old_outputs(image, trainer=trainer, output=StepOutput(logits, feats))
+    assert calls == [] and torch.allclose(shared, full, atol=1e-5)
+    # The head gives forward's features too (PLOP, ILT).
+    _, old_feats = old(image, return_features=True)
+    calls.clear()
+    _, head_feats = old.head(feats["backbone"], (50, 70), return_features=True)
+    assert torch.allclose(head_feats["decoder"], old_feats["decoder"], atol=1e-5)
+    # A backbone that trains (or has moved) is not shared: the old model runs whole.
+    other = MiB()
+    other.begin_step(ContinualContext(step=None, step_index=1, old_model=old, old_num_classes=2))
+    new.freeze_backbone(False)
+    assert torch.allclose(other.old_outputs(image, trainer=trainer, output=StepOutput(logits, feats)), full)
+    assert calls == [1]
+    new.freeze_backbone()
+    with torch.no_grad():
+        next(new.backbone.parameters()).add_(0.01)
+    third = MiB()
+    third.begin_step(ContinualContext(step=None, step_index=1, old_model=old, old_num_classes=2))
+    third.old_outputs(image, trainer=trainer, output=StepOutput(logits, feats))
+    hook.remove()
+    assert calls == [1, 1]

@@ -154,14 +154,43 @@ class Segmenter(nn.Module):
         if padded:
             x = F.pad(x, (0, pad_w, 0, pad_h))
         features = self.backbone((x - self.mean) / self.std)
+        return self._head(features, x.shape[-2:], (height, width), padded, return_features)
+
+    def head(self, backbone_features: list[torch.Tensor], size: tuple[int, int], return_features: bool = False
+             ) -> torch.Tensor | tuple[torch.Tensor, dict[str, Any]]:
+        """What :meth:`forward` returns for images of ``size`` (h, w) whose backbone features are
+        ``backbone_features`` (another model's ``features["backbone"]``, when both share the
+        backbone's weights): the decoder and classifier only."""
+        height, width = size
+        stride = self._input_multiple
+        padded_size = (height + (-height) % stride, width + (-width) % stride)
+        return self._head(backbone_features, padded_size, (height, width), padded_size != (height, width),
+                          return_features)
+
+    def _head(self, features: list[torch.Tensor], padded_size: Any, size: tuple[int, int], padded: bool,
+              return_features: bool) -> torch.Tensor | tuple[torch.Tensor, dict[str, Any]]:
         decoded = self.decoder(features)
         small = self.classifier(self.dropout(decoded))
-        logits = F.interpolate(small, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        logits = F.interpolate(small, size=padded_size, mode="bilinear", align_corners=False)
         if padded:
-            logits = logits[..., :height, :width]
+            logits = logits[..., :size[0], :size[1]]
         if return_features:
             return logits, {"backbone": features, "decoder": decoded, "logits": small}
         return logits
+
+    def same_backbone(self, other: "Segmenter") -> bool:
+        """Whether ``other``'s backbone computes what this one's frozen backbone does, so that
+        ``other.head`` may take this one's features: the same architecture, input normalisation,
+        weights and BatchNorm statistics, both in eval mode (no batch statistics, no stochastic
+        layers), this one frozen (its weights will not move)."""
+        if not self.backbone_frozen or self.backbone.training or other.backbone.training:
+            return False
+        if (type(self.backbone) is not type(other.backbone) or self.config.backbone != other.config.backbone
+                or self.config.mean != other.config.mean or self.config.std != other.config.std):
+            return False
+        mine, theirs = self.backbone.state_dict(), other.backbone.state_dict()
+        return mine.keys() == theirs.keys() and all(
+            mine[k].shape == theirs[k].shape and torch.equal(mine[k], theirs[k].to(mine[k].device)) for k in mine)
 
     # ----------------------------------------------------------------- classes
 

@@ -31,6 +31,7 @@ from everseg.learn.plugins import Plugin
 
 if TYPE_CHECKING:
     from everseg.data.scenarios import Step
+    from everseg.learn.plugins import StepOutput
     from everseg.learn.trainer import Trainer
 
 
@@ -75,6 +76,7 @@ class Strategy(Plugin):
 
     def __init__(self) -> None:
         self.ctx: ContinualContext | None = None
+        self._shared_backbone: tuple[Any, bool] | None = None
 
     def begin_run(self, run: RunStart) -> None:
         """Before the first step."""
@@ -99,9 +101,30 @@ class Strategy(Plugin):
         return [] if self.old_model is None else [self.old_model]
 
     @torch.no_grad()
-    def old_outputs(self, image: torch.Tensor, features: bool = False) -> Any:
-        """The previous model's logits (and features) on ``image``, without gradients."""
+    def old_outputs(self, image: torch.Tensor, features: bool = False, *, trainer: "Trainer | None" = None,
+                    output: "StepOutput | None" = None) -> Any:
+        """The previous model's logits (and features) on ``image``, without gradients.
+
+        Given the ``trainer`` and the step's ``output`` with backbone features: when the trained
+        model's backbone is frozen at the previous model's weights (later steps' default), the
+        previous model runs only its decoder on those features; the backbone pass it would
+        repeat is a large share of a step's time.
+        """
         model = self.old_model
         if model is None:
             raise RuntimeError(f"{self.name}: no previous model at step 0")
+        if output is not None and output.features is not None and self._shares_backbone(trainer):
+            return model.head(output.features["backbone"], tuple(image.shape[-2:]), return_features=features)
         return model(image, return_features=features)
+
+    def _shares_backbone(self, trainer: "Trainer | None") -> bool:
+        if trainer is None:
+            return False
+        key = (id(self.ctx), id(trainer.model))
+        cached = getattr(self, "_shared_backbone", None)
+        if cached is None or cached[0] != key:
+            # Checked once a step: a frozen backbone's weights do not move within it.
+            new, old = trainer.model, self.old_model
+            shared = hasattr(new, "same_backbone") and hasattr(old, "head") and new.same_backbone(old)
+            self._shared_backbone = (key, shared)
+        return self._shared_backbone[1]

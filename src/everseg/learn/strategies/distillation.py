@@ -35,10 +35,14 @@ class LwF(Strategy):
         super().__init__()
         self.weight, self.temperature = weight, temperature
 
+    @property
+    def needs_features(self) -> bool:  # the previous model may reuse the backbone's (old_outputs)
+        return self.old_model is not None
+
     def loss_terms(self, trainer, batch: Batch, output: StepOutput) -> dict[str, torch.Tensor]:
         if self.old_model is None:
             return {}
-        old = self.old_outputs(batch.image)
+        old = self.old_outputs(batch.image, trainer=trainer, output=output)
         kd = output_distillation(output.logits, old, self.temperature)
         return {"lwf": self.weight * self.temperature ** 2 * kd}
 
@@ -64,7 +68,7 @@ class ILT(Strategy):
     def loss_terms(self, trainer, batch: Batch, output: StepOutput) -> dict[str, torch.Tensor]:
         if self.old_model is None:
             return {}
-        old_logits, old_feats = self.old_outputs(batch.image, features=True)
+        old_logits, old_feats = self.old_outputs(batch.image, features=True, trainer=trainer, output=output)
         new_feat = output.features["backbone"][-1].float()
         feat = F.mse_loss(new_feat, old_feats["backbone"][-1].float())
         out = output_distillation(output.logits, old_logits, 1.0)

@@ -246,6 +246,10 @@ class SampleWeighting(Strategy):
         super().__init__()
         self.gamma = gamma
 
+    @property
+    def needs_features(self) -> bool:  # the previous model may reuse the backbone's (old_outputs)
+        return self.old_model is not None
+
     def on_fit_start(self, trainer) -> None:
         if self.old_model is not None:
             log.info("weighting: each image's cross-entropy is weighted by the previous model's loss on it")
@@ -257,7 +261,7 @@ class SampleWeighting(Strategy):
         target = batch.mask
         valid = (target != ignore).flatten(1).sum(1).clamp_min(1)  # the old model's loss: unweighted
         with torch.no_grad():
-            old_logits = self.old_outputs(batch.image)
+            old_logits = self.old_outputs(batch.image, trainer=trainer, output=output)
             known = torch.where(target < old_logits.shape[1], target, torch.full_like(target, ignore))
             old_loss = F.cross_entropy(old_logits.float(), known, ignore_index=ignore, reduction="none")
             shape.weight_images(per_sample_weights(old_loss.flatten(1).sum(1) / valid, self.gamma), self.name)

@@ -49,6 +49,10 @@ class MiB(Strategy):
         super().__init__()
         self.distill_weight = distill_weight
 
+    @property
+    def needs_features(self) -> bool:  # the previous model may reuse the backbone's (old_outputs)
+        return self.old_model is not None
+
     def _unbiased(self) -> bool:
         # Without a background shift label 0 is a class like any other (a domain step's Sky):
         # merging the old classes into it would make its pixels cost nothing.
@@ -66,7 +70,7 @@ class MiB(Strategy):
     def loss_terms(self, trainer, batch: Batch, output: StepOutput) -> dict[str, torch.Tensor]:
         if self.old_model is None:
             return {}
-        old = self.old_outputs(batch.image)
+        old = self.old_outputs(batch.image, trainer=trainer, output=output)
         return {"mib_distill": self.distill_weight * unbiased_distillation(output.logits, old)}
 
 
