@@ -164,6 +164,10 @@ def table(result: dict) -> str:
             lines.append(f"| {ds['dataset']} | {r['row']} | {r['miou']:.1f} | {r['crop']} | {r['scale']} | {r['batch']} "
                          f"| {lr} | {r['loss']} | {r['class_weights']} |")
     for ds in result["datasets"]:
+        dm = ds.get("machine", m)
+        if dm["commit"] != m["commit"]:
+            lines += ["", f"{ds['dataset']}'s rows: {dm['date']}, commit {dm['commit']} (not rerun with the others)."]
+    for ds in result["datasets"]:
         by = {r["row"]: r for r in ds["rows"]}
         if "study" in by and "fitted" in by:
             gap = by["study"]["miou"] - by["fitted"]["miou"]
@@ -187,8 +191,16 @@ def main() -> None:
         return
     built = {"camvid-small": lambda: build_camvid_small(SHARED_DATA / "camvid", RUNS / "data" / "camvid-small"),
              "isbi-em": lambda: build_isbi(SHARED_DATA / "isbi-em", RUNS / "data" / "isbi-em")}
-    result = {"machine": machine_info(), "minutes": args.minutes, "trials": args.trials,
-              "datasets": [run_dataset(built[name](), args.minutes, args.trials) for name in args.datasets]}
+    machine = machine_info()
+    fresh = [{**run_dataset(built[name](), args.minutes, args.trials), "machine": machine} for name in args.datasets]
+    # A dataset not rerun keeps its rows, which name the commit that made them.
+    previous = BENCH_DIR / "results" / "fit-to-data.json"
+    kept = []
+    if previous.is_file():
+        old = json.loads(previous.read_text())
+        if (old["minutes"], old["trials"]) == (args.minutes, args.trials):
+            kept = [{"machine": old["machine"], **d} for d in old["datasets"] if d["dataset"] not in args.datasets]
+    result = {"machine": machine, "minutes": args.minutes, "trials": args.trials, "datasets": fresh + kept}
     write_json("fit-to-data", result)
     update_readme_section("fit-to-data", table(result))
     print(table(result))
