@@ -73,10 +73,16 @@ class Strategy(Plugin):
     # Whether it keeps a ReplayMemory in ``self.memory``; a caller may set one before the run
     # (``learn`` fills it from the data a model learned from), else begin_run makes it.
     uses_memory = False
+    # Whether its old_outputs may reuse the trained model's backbone features (it then asks for them).
+    reuses_backbone = False
 
     def __init__(self) -> None:
         self.ctx: ContinualContext | None = None
         self._shared_backbone: tuple[Any, bool] | None = None
+
+    @property
+    def needs_features(self) -> bool:
+        return self.reuses_backbone and self.old_model is not None
 
     def begin_run(self, run: RunStart) -> None:
         """Before the first step."""
@@ -121,8 +127,7 @@ class Strategy(Plugin):
         if trainer is None:
             return False
         key = (id(self.ctx), id(trainer.model))
-        cached = getattr(self, "_shared_backbone", None)
-        if cached is None or cached[0] != key:
+        if self._shared_backbone is None or self._shared_backbone[0] != key:
             # Checked once a step: a frozen backbone's weights do not move within it.
             new, old = trainer.model, self.old_model
             shared = hasattr(new, "same_backbone") and hasattr(old, "head") and new.same_backbone(old)

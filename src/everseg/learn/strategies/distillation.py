@@ -30,14 +30,11 @@ class LwF(Strategy):
     """
 
     name = "lwf"
+    reuses_backbone = True
 
     def __init__(self, weight: float = 1.0, temperature: float = 2.0):
         super().__init__()
         self.weight, self.temperature = weight, temperature
-
-    @property
-    def needs_features(self) -> bool:  # the previous model may reuse the backbone's (old_outputs)
-        return self.old_model is not None
 
     def loss_terms(self, trainer, batch: Batch, output: StepOutput) -> dict[str, torch.Tensor]:
         if self.old_model is None:

@@ -241,14 +241,11 @@ class SampleWeighting(Strategy):
     """
 
     name = "weighting"
+    reuses_backbone = True
 
     def __init__(self, gamma: float = 1.0):
         super().__init__()
         self.gamma = gamma
-
-    @property
-    def needs_features(self) -> bool:  # the previous model may reuse the backbone's (old_outputs)
-        return self.old_model is not None
 
     def on_fit_start(self, trainer) -> None:
         if self.old_model is not None:

@@ -43,15 +43,12 @@ class MiB(Strategy):
     """
 
     name = "mib"
+    reuses_backbone = True
     head_init = "background"
 
     def __init__(self, distill_weight: float = 10.0):
         super().__init__()
         self.distill_weight = distill_weight
-
-    @property
-    def needs_features(self) -> bool:  # the previous model may reuse the backbone's (old_outputs)
-        return self.old_model is not None
 
     def _unbiased(self) -> bool:
         # Without a background shift label 0 is a class like any other (a domain step's Sky):
