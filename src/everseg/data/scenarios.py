@@ -80,7 +80,7 @@ class ScenarioSpec:
         try:
             tree = yaml.safe_load(path.read_text())
         except (OSError, yaml.YAMLError) as exc:
-            raise DataError(path, f"cannot read scenario: {exc}") from exc
+            raise DataError(path, f"cannot read scenario: {' '.join(str(exc).split())}") from exc
         if not isinstance(tree, dict) or not isinstance(tree.get("steps"), list):
             raise DataError(path, "a scenario file needs a list 'steps'")
         known = {"name", "kind", "steps", "dataset", "train_split", "test_split", "test_domains"}
