@@ -108,10 +108,10 @@ def run_strategy(protocol: str, name: str, args) -> ContinualReport:
     # Which code and machine made this run: the table is collected later, often at another commit.
     made = {**machine_info(), "threads": args.threads, "command": args.command}
     if name == "joint":
-        report = run_scenario(scenario, "joint", cfg, run, base_model=base, progress=False)
+        report = run_scenario(scenario, "joint", cfg, run, base_model=base, overwrite=args.redo, progress=False)
     else:
         report = run_scenario(scenario, name, cfg, run, base_model=base, step_minutes=args.step_share * minutes,
-                              memory_size=args.memory, progress=False)
+                              memory_size=args.memory, overwrite=args.redo, progress=False)
     atomic_write_json(run / RUN_INFO, made)
     return report
 
@@ -345,7 +345,7 @@ def main() -> None:
     parser.add_argument("--step-share", type=float, default=0.15, help="incremental step budget / base budget")
     parser.add_argument("--memory", type=int, default=20)
     parser.add_argument("--threads", type=int, default=None, help="torch threads per run (default: torch's)")
-    parser.add_argument("--redo", action="store_true", help="rerun strategies that already finished")
+    parser.add_argument("--redo", action="store_true", help="rerun strategies that already finished (replacing their runs)")
     parser.add_argument("--table", action="store_true", help="only collect finished runs into JSON + table")
     parser.add_argument("--stream", action="store_true", help="run the OnlineLearner stream experiment instead")
     parser.add_argument("--stream-every", type=int, default=10, help="evaluate every N streamed images")
