@@ -102,6 +102,10 @@ def run_strategy(protocol: str, name: str, args) -> ContinualReport:
     done = None if args.redo else _complete(run, scenario)
     if done is not None:
         return done
+    if args.redo and run.is_symlink():
+        # A link shares another tag's run (a joint, a base): rerunning here must leave that run
+        # alone, so the link gives way to a folder of this tag's own.
+        run.unlink()
     base = base_model(protocol, args)
     minutes = args.domain_base_minutes if scenario.spec.kind == "domain" else args.base_minutes
     cfg = _config(args, minutes)
