@@ -65,6 +65,8 @@ def run_one_batch(spec, step_setting, tmp_path):
         s.before_forward(trainer, batch)
     logits, features = model(batch.image, return_features=True)
     output = StepOutput(logits, features)
+    for s in strategies:
+        s.after_forward(trainer, batch, output)
     terms = trainer.loss_terms(batch, output)
     shape = LossShape()
     for s in strategies:

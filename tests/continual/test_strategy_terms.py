@@ -432,3 +432,46 @@ def test_a_frozen_backbone_shared_with_the_old_model_is_not_run_twice():
     third.old_outputs(image, trainer=trainer, output=StepOutput(logits, feats))
     hook.remove()
     assert calls == [1, 1]
+
+
+def test_plop_pseudo_labels_after_the_forward_pass_from_the_shared_backbone():
+    """PLOP relabels the masks after the forward pass, so that with a frozen backbone its old
+    model runs only the decoder; the pseudo-labels and distilled features are the whole old
+    model's."""
+    from types import SimpleNamespace
+
+    from everseg.data.labelspace import LabelSpace
+    from everseg.learn.plugins import Batch, StepOutput
+    from everseg.learn.strategies import PLOP
+    from everseg.learn.strategies.base import ContinualContext
+    from everseg.models import create_model
+
+    torch.manual_seed(0)
+    old_space, new_space = LabelSpace(("background", "a")), LabelSpace(("background", "a", "b"))
+    old = create_model(arch="deeplabv3plus", backbone="mobilenet_v2", label_space=old_space, pretrained=False)
+    old.eval().requires_grad_(False)
+    new = copy.deepcopy(old).requires_grad_(True).train()
+    new.grow_classifier(new_space)
+    new.freeze_backbone()
+    image = torch.rand(2, 3, 48, 64)
+    mask = torch.zeros(2, 48, 64, dtype=torch.long)
+    mask[:, :8] = 2  # the new class; the rest is background
+    step = SimpleNamespace(new_classes=("b",), label_space=SimpleNamespace(names=new_space.names))
+    plop = PLOP()
+    plop.begin_step(ContinualContext(step=step, step_index=1, old_model=old, old_num_classes=2))
+    assert plop.needs_features
+    plop.thresholds = torch.tensor([0.9, 0.9])
+    trainer = SimpleNamespace(model=new, train_set=SimpleNamespace(label_space=SimpleNamespace(ignore_index=255)))
+    logits, feats = new(image, return_features=True)
+    batch = Batch(image, mask.clone(), ["x", "y"])
+    calls = []
+    hook = old.backbone.register_forward_hook(lambda *a: calls.append(1))
+    plop.after_forward(trainer, batch, StepOutput(logits, feats))
+    hook.remove()
+    assert calls == []
+    old_logits, old_feats = old(image, return_features=True)
+    expected, share = pseudo_label(mask, old_logits, plop.thresholds)
+    assert torch.equal(batch.mask, expected) and not torch.equal(batch.mask, mask)
+    assert torch.allclose(batch.extra["plop_confident_share"], share)
+    assert torch.allclose(batch.extra["plop_old_features"]["decoder"], old_feats["decoder"], atol=1e-5)
+    assert "plop_pod" in plop.loss_terms(trainer, batch, StepOutput(logits, feats))

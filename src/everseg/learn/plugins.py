@@ -16,7 +16,8 @@ unwrapped), ``train_set`` (its ``label_space``, ``transform``, ``with_transform`
 recipe's :class:`~everseg.learn.losses.SegmentationLoss`).
 
 Change, only through these: the batch, in ``before_forward`` (images and masks: replay,
-pseudo-labels; ``batch.extra`` for the plugin's own data); the segmentation loss, in
+pseudo-labels; ``batch.extra`` for the plugin's own data); the masks, also in
+``after_forward`` (pseudo-labels from a model that reuses the forward pass's features); the segmentation loss, in
 ``shape_loss`` through :class:`~everseg.learn.losses.LossShape` (never by replacing
 ``criterion``); extra loss terms, returned by ``loss_terms``; gradients, in
 ``after_backward``; the model's weights, in ``after_step`` or ``end_step`` (Reptile, weight
@@ -79,6 +80,11 @@ class Plugin:
 
     def before_forward(self, trainer: "Trainer", batch: Batch) -> None:
         """May edit ``batch`` in place (add replayed samples, relabel, ...)."""
+
+    def after_forward(self, trainer: "Trainer", batch: Batch, output: StepOutput) -> None:
+        """After the forward pass, before any loss: may relabel ``batch.mask`` (the images have
+        been through the model and stay as they are). For pseudo-labels that need the pass's
+        features, e.g. from a previous model that reuses the frozen backbone's."""
 
     def shape_loss(self, trainer: "Trainer", batch: Batch, output: StepOutput, shape: "LossShape") -> None:
         """Change how the recipe's segmentation loss treats this batch, through ``shape``

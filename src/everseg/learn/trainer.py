@@ -189,6 +189,8 @@ class Trainer:
             else:
                 logits, feats = self._forward(batch.image), None
             output = StepOutput(logits, feats)
+            for plugin in self.plugins:
+                plugin.after_forward(self, batch, output)
             return output, self.loss_terms(batch, output)
 
     def _apply_gradients(self) -> bool:

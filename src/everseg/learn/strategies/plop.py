@@ -105,7 +105,7 @@ class PLOP(Strategy):
     """
 
     name = "plop"
-    needs_features = True
+    reuses_backbone = True
 
     def __init__(self, pod_weight: float = 0.01, logits_weight: float = 0.0005, scales: tuple[int, ...] = (1, 2, 4),
                  adaptive_factor: bool = True, max_threshold: float = 1.0, threshold_images: int = 64):
@@ -135,10 +135,13 @@ class PLOP(Strategy):
         thr = [float(np.median(np.concatenate(e))) if e else 0.0 for e in entropies]
         self.thresholds = torch.tensor(thr).clamp(max=self.max_threshold)
 
-    def before_forward(self, trainer, batch: Batch) -> None:
+    def after_forward(self, trainer, batch: Batch, output: StepOutput) -> None:
+        # After the forward pass rather than before it, so that with a frozen backbone the old
+        # model runs only its decoder on the trained model's features (the masks are not
+        # needed until the loss).
         if self.old_model is None:
             return
-        old_logits, old_feats = self.old_outputs(batch.image, features=True)
+        old_logits, old_feats = self.old_outputs(batch.image, features=True, trainer=trainer, output=output)
         batch.extra["plop_old_features"] = old_feats
         if self.thresholds is None:
             return
@@ -148,15 +151,13 @@ class PLOP(Strategy):
 
     def shape_loss(self, trainer, batch: Batch, output: StepOutput, shape) -> None:
         share = batch.extra.get("plop_confident_share")
-        if self.adaptive_factor and share is not None and share.shape[0] == batch.image.shape[0]:
+        if self.adaptive_factor and share is not None:
             shape.weight_images(share, self.name)
 
     def loss_terms(self, trainer, batch: Batch, output: StepOutput) -> dict[str, torch.Tensor]:
         if self.old_model is None:
             return {}
-        old = batch.extra.get("plop_old_features")
-        if old is None or old["decoder"].shape[0] != batch.image.shape[0]:
-            old = self.old_outputs(batch.image, features=True)[1]
+        old = batch.extra["plop_old_features"]
         old_classes = self.ctx.old_num_classes
         layers = len(output.features["backbone"]) + 1
         new_list = [*output.features["backbone"], output.features["decoder"],
