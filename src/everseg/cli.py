@@ -528,7 +528,7 @@ def learn(
     new_classes: Annotated[Optional[str], typer.Option(
         help="Comma-separated class names to add; omit to learn new data of the same classes")] = None,
     strategy: Annotated[Optional[str], typer.Option(
-        help=STRATEGY_HELP + " (default: mib for new classes, replay for new data)")] = None,
+        help=STRATEGY_HELP + " (default: mib for new classes, reptile+replay for new data)")] = None,
     dataset: DatasetOpt = None,
     split: Annotated[str, typer.Option(help="Split with the new training images")] = "train",
     test_split: Annotated[str, typer.Option(help="Split to measure old/new classes on")] = "test",
@@ -580,7 +580,7 @@ def scenario_run(
     scenario: Annotated[Optional[Path], typer.Option(help="Scenario YAML (instead of --protocol)")] = None,
     strategy: Annotated[Optional[str], typer.Option(
         help=STRATEGY_HELP + "; joint retrains on everything (default: mib when steps add classes, "
-             "replay when they add data)")] = None,
+             "reptile+replay when they add data)")] = None,
     dataset: DatasetOpt = None,
     config: Annotated[Optional[Path], typer.Option(help="YAML config (model, augmentation, optimiser)")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Epochs of step 0")] = None,

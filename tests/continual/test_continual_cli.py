@@ -45,7 +45,7 @@ def test_scenario_run_then_learn(tiny_camvid, tmp_path):
     assert r.exit_code == 0, r.output
     dom = load_model(tmp_path / "dom" / "model")
     assert dom.label_space.names == load_model(run / "model").label_space.names
-    assert dom.metadata["strategy"] == "replay"  # new data of the same classes: replay, not finetune
+    assert dom.metadata["strategy"] == "reptile+replay"  # new data of the same classes: not finetune
 
 
 def test_learn_refuses_new_classes_without_background(tiny_camvid, tmp_path):

@@ -30,4 +30,4 @@ def test_the_default_strategy_depends_on_whether_classes_are_added():
     from everseg.learn.strategies import build_strategies, default_strategy
 
     assert [s.name for s in build_strategies(default_strategy(True))] == ["mib"]
-    assert [s.name for s in build_strategies(default_strategy(False))] == ["replay"]
+    assert [s.name for s in build_strategies(default_strategy(False))] == ["replay", "reptile"]
