@@ -17,8 +17,8 @@ recipe's :class:`~everseg.learn.losses.SegmentationLoss`).
 
 Change, only through these: the batch, in ``before_forward`` (images and masks: replay,
 pseudo-labels; ``batch.extra`` for the plugin's own data); the masks, also in
-``after_forward`` (pseudo-labels from a model that reuses the forward pass's features); the segmentation loss, in
-``shape_loss`` through :class:`~everseg.learn.losses.LossShape` (never by replacing
+``after_forward`` (pseudo-labels from a model that reuses the forward pass's features); the
+segmentation loss, in ``shape_loss`` through :class:`~everseg.learn.losses.LossShape` (never by replacing
 ``criterion``); extra loss terms, returned by ``loss_terms``; gradients, in
 ``after_backward``; the model's weights, in ``after_step`` or ``end_step`` (Reptile, weight
 fusion) and which of them train, in ``on_fit_start`` (a frozen backbone);
