@@ -382,26 +382,34 @@ def test_importance_is_the_mean_over_images_not_of_the_batch_gradient(cls):
     assert batch_form < sum(float(v.sum()) for v in expected.values())
 
 
-def test_a_frozen_backbone_shared_with_the_old_model_is_not_run_twice():
-    from types import SimpleNamespace
-
+def old_and_next_model(old_names, new_names):
+    """A previous model (eval, frozen) and the next step's model made from it as a later step
+    makes it: the classifier grown, the backbone frozen at the previous weights."""
     from everseg.data.labelspace import LabelSpace
-    from everseg.learn.plugins import StepOutput
-    from everseg.learn.strategies.base import ContinualContext
-    from everseg.learn.strategies.mib import MiB
     from everseg.models import create_model
 
     torch.manual_seed(0)
-    old_space, new_space = LabelSpace(("bg", "a")), LabelSpace(("bg", "a", "b"))
-    old = create_model(arch="deeplabv3plus", backbone="mobilenet_v2", label_space=old_space, pretrained=False)
+    old = create_model(arch="deeplabv3plus", backbone="mobilenet_v2", label_space=LabelSpace(old_names),
+                       pretrained=False)
     for m in old.modules():  # BatchNorm statistics that are not the identity
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.uniform_(-0.1, 0.1)
             m.running_var.uniform_(0.5, 1.5)
     old.eval().requires_grad_(False)
     new = copy.deepcopy(old).requires_grad_(True).train()
-    new.grow_classifier(new_space)
+    new.grow_classifier(LabelSpace(new_names))
     new.freeze_backbone()
+    return old, new
+
+
+def test_a_frozen_backbone_shared_with_the_old_model_is_not_run_twice():
+    from types import SimpleNamespace
+
+    from everseg.learn.plugins import StepOutput
+    from everseg.learn.strategies.base import ContinualContext
+    from everseg.learn.strategies.mib import MiB
+
+    old, new = old_and_next_model(("bg", "a"), ("bg", "a", "b"))
     image = torch.rand(2, 3, 50, 70)  # not a multiple of the stride: the head pads as forward does
     logits, feats = new(image, return_features=True)
     mib = MiB()
@@ -440,23 +448,15 @@ def test_plop_pseudo_labels_after_the_forward_pass_from_the_shared_backbone():
     model's."""
     from types import SimpleNamespace
 
-    from everseg.data.labelspace import LabelSpace
     from everseg.learn.plugins import Batch, StepOutput
     from everseg.learn.strategies import PLOP
     from everseg.learn.strategies.base import ContinualContext
-    from everseg.models import create_model
 
-    torch.manual_seed(0)
-    old_space, new_space = LabelSpace(("background", "a")), LabelSpace(("background", "a", "b"))
-    old = create_model(arch="deeplabv3plus", backbone="mobilenet_v2", label_space=old_space, pretrained=False)
-    old.eval().requires_grad_(False)
-    new = copy.deepcopy(old).requires_grad_(True).train()
-    new.grow_classifier(new_space)
-    new.freeze_backbone()
+    old, new = old_and_next_model(("background", "a"), ("background", "a", "b"))
     image = torch.rand(2, 3, 48, 64)
     mask = torch.zeros(2, 48, 64, dtype=torch.long)
     mask[:, :8] = 2  # the new class; the rest is background
-    step = SimpleNamespace(new_classes=("b",), label_space=SimpleNamespace(names=new_space.names))
+    step = SimpleNamespace(new_classes=("b",), label_space=new.label_space)
     plop = PLOP()
     plop.begin_step(ContinualContext(step=step, step_index=1, old_model=old, old_num_classes=2))
     assert plop.needs_features
