@@ -31,6 +31,12 @@ def machine_info() -> dict[str, Any]:
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 cwd=BENCH_DIR, check=False).stdout.strip() or None
+        # A result from code that is not the commit's must not pass for the commit's.
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":/src", ":/configs",
+                                  ":/benchmarks/*.py"], capture_output=True, text=True, cwd=BENCH_DIR,
+                                 check=False).stdout.strip()
+        if commit and changed:
+            commit += "-dirty"
     except OSError:
         commit = None
     return {"date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "cpu": cpu,

@@ -12,7 +12,7 @@ from PIL import Image
 from everseg.data.labelspace import LabelSpace
 from everseg.models import create_model
 from everseg.models.versions import ModelRegistry
-from everseg.serve.app import ServeSettings, create_app
+from everseg.serve.app import ServeSettings, create_app, PredictPool, default_predict_workers, usable_cores
 
 TOKEN = "t" * 24
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -34,7 +34,7 @@ def service(tmp_path):
     model.metadata["class_fractions"] = {"Sky": 0.3, "Road": 0.6, "Car": 0.1}
     reg.publish(model, info={"source": "initial", "holdout_miou": 40.0})
     settings = ServeSettings(registry=tmp_path / "reg", token=TOKEN, max_upload_bytes=200_000, max_pixels=120_000,
-                             max_queued=2, poll_seconds=0.05, bf16=False)
+                             max_queued=2, poll_seconds=0.05, bf16=False, predict_workers=2)
     with TestClient(create_app(settings, registry=reg)) as client:
         client.reg, client.model = reg, model
         yield client
@@ -46,7 +46,8 @@ def street() -> np.ndarray:
 
 
 def test_health_predict_and_its_formats(service, street):
-    assert service.get("/healthz").json() == {"status": "ok", "version": 1}
+    assert service.get("/healthz").json() == {"status": "ok", "version": 1, "predict_workers": 2,
+                                              "predict_threads": max(1, usable_cores() // 2)}
     r = service.post("/v1/predict", files={"image": ("x.png", png(street), "image/png")})
     assert r.status_code == 200 and r.headers["x-everseg-version"] == "1"
     body = r.json()
@@ -143,3 +144,49 @@ def test_the_page_and_the_openapi_contract_are_served(service):
     paths = service.get("/openapi.json").json()["paths"]
     assert {"/healthz", "/v1/predict", "/v1/feedback", "/v1/feedback/{item_id}", "/v1/models",
             "/v1/models/{version}/activate", "/v1/models/rollback", "/metrics"} <= set(paths)
+
+
+def test_a_prediction_alone_gets_every_core_and_a_burst_shares_them():
+    import asyncio
+    import threading
+
+    import torch
+
+    before = torch.get_num_threads()
+    pool = PredictPool(2, cores=2)
+    release = threading.Event()
+    together = threading.Barrier(2, timeout=20)  # broken, and raising, unless both run at once
+
+    def first() -> int:
+        release.wait(20)
+        return torch.get_num_threads()
+
+    def beside() -> int:
+        together.wait()
+        return torch.get_num_threads()
+
+    async def burst():
+        alone = asyncio.create_task(pool.run(first))
+        await asyncio.sleep(0)  # the first is running: the next two arrive beside it
+        shared = await asyncio.gather(pool.run(beside), pool.run(beside))
+        release.set()
+        return await alone, shared
+
+    try:
+        assert asyncio.run(burst()) == (2, [1, 1])
+        assert asyncio.run(pool.run(torch.get_num_threads)) == 2  # alone again: every core
+    finally:
+        pool.shutdown()
+        torch.set_num_threads(before)  # a pool thread's setting is the default of threads started later
+
+
+def test_two_predict_workers_on_a_cpu_with_two_cores_one_elsewhere(monkeypatch):
+    import torch
+
+    from everseg.serve import app as service_app
+
+    monkeypatch.setattr(service_app, "usable_cores", lambda: 1)
+    assert default_predict_workers(torch.device("cpu")) == 1
+    monkeypatch.setattr(service_app, "usable_cores", lambda: 2)
+    assert default_predict_workers(torch.device("cpu")) == 2
+    assert default_predict_workers(torch.device("cuda")) == 1

@@ -15,13 +15,14 @@ import base64
 import hmac
 import io
 import logging
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -52,7 +53,69 @@ class ServeSettings:
     poll_seconds: float = 0.1  # how often the active version is looked up (a SQLite read; adds half of it to an update)
     bf16: bool | None = None  # bfloat16 inference; None = where the device computes it natively
     device: str = "auto"  # where predictions run: auto (CUDA when present) | cpu | cuda | cuda:N | mps
+    predict_workers: int | None = None  # predictions computed at once; None = default_predict_workers()
     extra: dict[str, Any] = field(default_factory=dict)  # shown on /healthz (holdout, worker)
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask, which a container's CPU set narrows)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS and Windows have no affinity mask
+        return os.cpu_count() or 1
+
+
+def default_predict_workers(device: torch.device) -> int:
+    """Two predictions at once on a CPU with two cores or more, one on an accelerator (a GPU
+    runs one process's kernels in turn: a second worker gains nothing there)."""
+    return 2 if device.type == "cpu" and usable_cores() >= 2 else 1
+
+
+def inference_pool(workers: int, threads: int) -> ThreadPoolExecutor:
+    """``workers`` threads that predict, each with ``threads`` torch threads, set once: setting
+    them per prediction costs more than it saves (two switches cost 30 ms of an 85-ms
+    prediction on 2 cores, as oneDNN drops its cached kernels at each)."""
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="everseg-predict",
+                              initializer=_own_torch_threads, initargs=(threads,))
+
+
+def _own_torch_threads(threads: int) -> None:
+    # A thread's first torch call sets its threads to the process's last setting, which another
+    # pool's thread may have changed: make that first call now, then set this thread's own.
+    torch.get_num_threads()
+    torch.set_num_threads(threads)
+
+
+class PredictPool:
+    """Where predictions run: a prediction alone gets every core, predictions that arrive
+    while another runs share them, ``workers`` at once with ``cores // workers`` threads each.
+
+    On the 2-core machine of benchmarks/serve.py a 360x480 prediction took 83 ms with two
+    threads and 169 ms with one, yet two one-thread predictions side by side answered 4
+    back-to-back clients 1.7x as often as one two-thread prediction at a time (the HTTP
+    work of one request overlaps the other's prediction). Only torch threads set once per
+    pool thread keep both: every thread that runs torch has an OpenMP team of its own,
+    so each pool thread's team is fixed and the cores are never asked for by more than one
+    team at a time except for the moment a burst begins."""
+
+    def __init__(self, workers: int, cores: int):
+        self.workers, self.threads = workers, max(1, cores // workers)
+        self._alone = inference_pool(1, cores)
+        self._shared = inference_pool(workers, self.threads) if workers > 1 else None
+        self._running = 0  # touched only on the event loop's thread
+
+    async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        pool = self._alone if self._shared is None or self._running == 0 else self._shared
+        self._running += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+        finally:
+            self._running -= 1
+
+    def shutdown(self) -> None:
+        for pool in (self._alone, self._shared):
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
 
 
 class ServedModel:
@@ -137,18 +200,14 @@ def create_app(settings: ServeSettings, *, served: ServedModel | None = None,
     store = store or FeedbackStore(settings.registry, max_queued=settings.max_queued)
     metrics = ServiceMetrics(registry, store)
     bf16 = choose_precision(served.device).dtype == torch.bfloat16 if settings.bf16 is None else settings.bf16
-    # One prediction at a time, with all cores: on 2 cores two at once, each with 2 threads,
-    # only made each slower (benchmarks/serve.py). Always on the same thread, too: every thread
-    # that runs torch gets its own OpenMP team, and the teams of the server's pool threads spun
-    # against each other (a prediction took 114 ms there against 108 ms in process).
-    inference = ThreadPoolExecutor(max_workers=1, thread_name_prefix="everseg-predict")
+    inference = PredictPool(settings.predict_workers or default_predict_workers(served.device), usable_cores())
 
     @asynccontextmanager
     async def lifespan(app):  # noqa: ARG001 - FastAPI's signature
         served.start()
         yield
         served.stop()
-        inference.shutdown(wait=False, cancel_futures=True)
+        inference.shutdown()
 
     app = FastAPI(title="everseg", version="1", lifespan=lifespan,
                   description="Predictions, corrections that teach the model, versions with rollback.")
@@ -188,7 +247,9 @@ def create_app(settings: ServeSettings, *, served: ServedModel | None = None,
 
     @app.get("/healthz")
     def healthz() -> dict[str, Any]:
-        return {"status": "ok", "version": served.get()[0], **settings.extra}
+        return {"status": "ok", "version": served.get()[0], "predict_workers": inference.workers,
+                "predict_threads": inference.threads,
+                **settings.extra}
 
     @app.post("/v1/predict")
     async def predict(image: UploadFile = File(..., description="PNG or JPEG"),
@@ -200,7 +261,7 @@ def create_app(settings: ServeSettings, *, served: ServedModel | None = None,
         rgb, _ = read_image_upload(await read_upload(image, "image"), max_pixels=settings.max_pixels)
         version, model = served.get()
 
-        out = await asyncio.get_running_loop().run_in_executor(inference, predict_response, model, version, rgb, bf16)
+        out = await inference.run(predict_response, model, version, rgb, bf16)
         ids = out.pop("_ids")
         metrics.observe_prediction(version, out["confidence"], model.label_space.names, ids)
         headers = {"X-Everseg-Version": str(version)}
