@@ -414,7 +414,7 @@ def table(r: dict) -> str:
                 "the same cores."]
     else:
         out += ["", f"A prediction alone runs on every core; predictions that arrive while another runs share them, "
-                f"{workers} at once with {lat['predict_threads']} thread(s) each (`--predict-workers`, default 2 on a "
+                f"{workers} at once with {lat['predict_threads']} thread{'' if lat['predict_threads'] == 1 else 's'} each (`--predict-workers`, default 2 on a "
                 f"CPU with 2 cores or more), so {load['clients']} clients that each wait for their answer and ask "
                 f"again queue {load['clients'] / workers:.0f} deep rather than {load['clients']}, each prediction "
                 "slower alone but more of them done a second; every update takes its share of the same cores."]
