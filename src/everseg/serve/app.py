@@ -92,11 +92,10 @@ class PredictPool:
 
     On the 2-core machine of benchmarks/serve.py a 360x480 prediction took 83 ms with two
     threads and 169 ms with one, yet two one-thread predictions side by side answered 4
-    back-to-back clients 1.7x as often as one two-thread prediction at a time (the HTTP
-    work of one request overlaps the other's prediction). Only torch threads set once per
-    pool thread keep both: every thread that runs torch has an OpenMP team of its own,
-    so each pool thread's team is fixed and the cores are never asked for by more than one
-    team at a time except for the moment a burst begins."""
+    back-to-back clients about 1.5x as often as one two-thread prediction at a time (the HTTP
+    work of one request overlaps the other's prediction), and a lone request kept its speed.
+    Each pool thread's torch threads are set once (see :func:`inference_pool`), so no more
+    threads compute than there are cores, except while a burst begins beside a lone prediction."""
 
     def __init__(self, workers: int, cores: int):
         self.workers, self.threads = workers, max(1, cores // workers)
