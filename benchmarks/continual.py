@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import fcntl
 import functools
 import json
 import os
@@ -88,11 +89,20 @@ def _base_dir(protocol: str, args) -> Path:
 
 
 def base_model(protocol: str, args) -> Path:
-    """Step 0 of the protocol, trained once and shared by every strategy (and by joint)."""
+    """Step 0 of the protocol, trained once and shared by every strategy (and by joint).
+
+    Training writes ``step0/model`` at every better epoch, so a model there is no finished
+    base: a second process waits on the lock for the first one's base to be complete rather
+    than starting from a half-trained one (as one did, unnoticed until its steps ran fast)."""
     run = _base_dir(protocol, args)
-    if not (run / "step0" / "model").is_dir():
-        minutes = args.domain_base_minutes if run.name == "domains" else args.base_minutes
-        run_scenario(_scenario(protocol, args, slice(0, 1)), "finetune", _config(args, minutes), run, progress=False)
+    scenario = _scenario(protocol, args, slice(0, 1))
+    run.parent.mkdir(parents=True, exist_ok=True)
+    with open(run.parent / f"{run.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _complete(run, scenario) is None:
+            minutes = args.domain_base_minutes if run.name == "domains" else args.base_minutes
+            # An unfinished base is this script's own leftover: start it again.
+            run_scenario(scenario, "finetune", _config(args, minutes), run, progress=False, overwrite=run.exists())
     return run / "step0" / "model"
 
 
