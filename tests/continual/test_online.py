@@ -89,7 +89,7 @@ def test_every_kth_image_is_held_out_and_scored_from_then_on(setup):
     from everseg.evaluate import evaluate
     from everseg.evaluate.metrics import SegmentationMetrics
 
-    parts = [evaluate(learner.model, d, progress=False).metrics.confusion
+    parts = [evaluate(learner.model, d, autocast_bf16=learner.bf16, progress=False).metrics.confusion
              for d in (holdout, learner._held_out_set(learner._held_out))]
     expected = SegmentationMetrics.from_confusion(parts[0] + parts[1]).miou
     assert learner.holdout_miou == pytest.approx(expected, abs=1e-6)

@@ -38,21 +38,41 @@ CHECKPOINT_NAME = "checkpoint.pt"
 MODEL_DIR_NAME = "model"
 
 
-def keep_dilated_depthwise_nchw(model: nn.Module) -> list:
-    """Run the dilated depthwise convolutions of ``model`` in NCHW; returns the hooks' handles.
+class _Float32Conv2d(nn.Conv2d):
+    """A convolution that runs in float32 and NCHW whatever autocast asks (see below)."""
 
-    Why: on CPUs with native bfloat16 (AMX), oneDNN as shipped with torch 2.14 computed wrong
-    weight gradients for dilated depthwise convolutions in bfloat16 with channels-last tensors
-    on wide feature maps; single-image online updates then collapsed the holdout mIoU to 1-10.
-    Only these layers change layout (their weight is made contiguous, their input too); the
-    rest of the model stays channels-last.
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return super().forward(x.float().contiguous())
+
+
+class _RestoreClass:
+    def __init__(self, module: nn.Module, cls: type):
+        self.module, self.cls = module, cls
+
+    def remove(self) -> None:
+        self.module.__class__ = self.cls
+
+
+def dilated_depthwise_in_float32(model: nn.Module) -> list:
+    """Run the dilated depthwise convolutions of ``model`` in float32 and NCHW; returns handles
+    whose ``remove()`` undoes it.
+
+    Why: on CPUs with native bfloat16 (AMX), oneDNN as shipped with torch 2.14 computes wrong
+    weight gradients for dilated depthwise convolutions in bfloat16: with channels-last tensors
+    on wide feature maps (single-image online updates then collapsed the holdout mIoU to 1-10),
+    and, on the Intel Xeon of 2026-12-05, with NCHW ones too when the input comes from a
+    channels-last layer (gradients of 1e31). In float32 they are right. These layers are a small
+    share of the compute (depthwise); the rest of the model stays in bfloat16 and channels-last.
+    The class is swapped rather than the layer wrapped, so state dicts and copies are unchanged.
     """
     handles = []
     for m in model.modules():
-        if isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels and max(m.dilation) > 1:
+        if (type(m) is nn.Conv2d and m.groups > 1 and m.groups == m.in_channels
+                and max(m.dilation) > 1):
             m.weight.data = m.weight.data.contiguous()
-            handles.append(m.register_forward_pre_hook(
-                lambda module, args: (args[0].contiguous(), *args[1:])))
+            m.__class__ = _Float32Conv2d
+            handles.append(_RestoreClass(m, nn.Conv2d))
     return handles
 
 
@@ -317,7 +337,7 @@ class Trainer:
 
         session_start = time.perf_counter()
         epochs_this_session = 0
-        nchw_hooks = (keep_dilated_depthwise_nchw(self.model)
+        nchw_hooks = (dilated_depthwise_in_float32(self.model)
                       if self.use_bf16 and tc.channels_last and self.device.type == "cpu" else [])
         try:
             while self.epoch < tc.epochs and not self.stop_requested:
