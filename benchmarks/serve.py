@@ -458,13 +458,14 @@ def main() -> None:
     p.add_argument("--update-steps", type=int, help="the server's --update-steps")
     p.add_argument("--update-replay", type=int, help="the server's --update-replay")
     p.add_argument("--update-nice", type=int, help="the server's --update-nice")
+    p.add_argument("--update-threads", type=int, help="the server's --update-threads")
     p.add_argument("--predict-workers", type=int, help="the server's --predict-workers")
     p.add_argument("--report", action="store_true",
                    help="only write the README section again from its results file (no measuring)")
     args = p.parse_args()
     # The server's options given here (its update worker's, and how many predictions it computes at once).
     update_options = [item for option in ("update_finetune", "update_crop", "update_steps", "update_replay",
-                                          "update_nice", "predict_workers")
+                                          "update_nice", "update_threads", "predict_workers")
                       if getattr(args, option) is not None
                       for item in (f"--{option.replace('_', '-')}", str(getattr(args, option)))]
     # The defaults keep the name "serve"; a variant is a table of its own, measured from one commit.
@@ -479,7 +480,7 @@ def main() -> None:
     from everseg.serve.worker import WorkerSettings
 
     settings = WorkerSettings()  # what the server's update options make of its worker, for the in-process runs
-    for option in ("finetune", "crop", "steps", "replay", "nice"):
+    for option in ("finetune", "crop", "steps", "replay", "nice", "threads"):
         value = getattr(args, f"update_{option}")
         if value is not None:
             setattr(settings, option, [int(v) for v in value.split("x")] if option == "crop" else value)

@@ -700,6 +700,8 @@ def serve(
     update_replay: Annotated[int, typer.Option(min=1, help="Remembered images replayed beside each correction")] = 2,
     update_nice: Annotated[int, typer.Option(
         min=0, max=19, help="CPU priority of updates below predictions' (0 = the same, 19 = the lowest)")] = 5,
+    update_threads: Annotated[Optional[int], typer.Option(
+        min=1, help="Torch threads of the update worker (default: one per core)")] = None,
     predict_workers: Annotated[Optional[int], typer.Option(
         min=1, help="Predictions computed at once, the cores split between them (default: 2 on a CPU "
                     "with 2 cores or more: more requests a second under load; 1: the fastest single request)")] = None,
@@ -719,9 +721,9 @@ def serve(
                                       rollback_window=rollback_window, rollback_margin=rollback_margin,
                                       crop=list(crop) if crop else None, finetune=update_finetune,
                                       steps=update_steps, replay=update_replay, nice=update_nice,
-                                      device=device),
-                settings={"device": device, "predict_workers": predict_workers, "max_queued": max_queued, "max_upload_bytes": int(max_upload_mb * 2**20),
-                          "max_pixels": int(max_megapixels * 1e6)})
+                                      threads=update_threads, device=device),
+                settings={"device": device, "predict_workers": predict_workers, "max_queued": max_queued,
+                          "max_upload_bytes": int(max_upload_mb * 2**20), "max_pixels": int(max_megapixels * 1e6)})
 
 
 @data_app.command("check")

@@ -5,7 +5,6 @@ import json
 import pytest
 import torch
 
-from everseg.data import open_dataset
 from everseg.learn import GradualUnfreeze, Plugin, Trainer, load_config
 from everseg.learn.run import build_datasets, build_model, finetune_plugins
 from everseg.models import load_model

@@ -57,7 +57,9 @@ class WorkerSettings:
     threads: int | None = None  # torch threads of the worker (None: one per core)
     # CPU priority below the predictions' (0 = the same). Under 4 clients that keep both cores
     # busy, updates at 10 got about a tenth of the CPU and published 2 versions in 2 minutes; at 5,
-    # 4 versions, while the clients' p50 went from 512 ms without updates to 764 ms.
+    # 4 versions, while the clients' p50 went from 512 ms without updates to 764 ms (one
+    # prediction at a time). With predictions beside each other (4553930) at 5 they learned 5
+    # corrections in those 2 minutes against 11; at 0, 8, while predictions fell to half.
     nice: int = 5
     # What an update trains: "frozen" keeps the backbone (only the decoder and classifier
     # learn, and every image's backbone features are computed once and reused by later updates
