@@ -62,8 +62,9 @@ def dilated_depthwise_in_float32(model: nn.Module) -> list:
     weight gradients for dilated depthwise convolutions in bfloat16: with channels-last tensors
     on wide feature maps (single-image online updates then collapsed the holdout mIoU to 1-10),
     and, on the Intel Xeon of 2026-12-05, with NCHW ones too when the input comes from a
-    channels-last layer (gradients of 1e31). In float32 they are right. These layers are a small
-    share of the compute (depthwise); the rest of the model stays in bfloat16 and channels-last.
+    channels-last layer (gradients of 1e31). In float32 they are right, and on that CPU faster
+    too: a bfloat16 training step of LR-ASPP MobileNetV2 (batch 8, 288x384) took 1.17 s with
+    them in float32 against 1.47 s without. The rest of the model stays bfloat16, channels-last.
     The class is swapped rather than the layer wrapped, so state dicts and copies are unchanged.
     """
     handles = []
