@@ -15,6 +15,7 @@ bfloat16 and is refused on a GPU without it. On MPS, float32 unless ``on``.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,14 @@ from pathlib import Path
 import torch
 
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask, which a container's CPU set narrows)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS and Windows have no affinity mask
+        return os.cpu_count() or 1
 
 
 def cpu_has_native_bf16() -> bool:

@@ -13,7 +13,8 @@ from everseg.data import open_dataset
 from everseg.models import create_model
 from everseg.models.versions import ModelRegistry
 from everseg.serve.feedback import FeedbackStore
-from everseg.serve.worker import UpdateWorker, WorkerSettings, feedback_miou
+from everseg.serve import worker as worker_module
+from everseg.serve.worker import UpdateWorker, WorkerSettings, default_update_threads, feedback_miou
 
 pytestmark = pytest.mark.slow  # the worker trains
 
@@ -40,6 +41,12 @@ def setup(tiny_camvid, tmp_path):
                          width=image.shape[1], new_classes=list(new_classes), label_names=names,
                          served_version=served_version).id
     return train, holdout, tmp_path / "reg", store, send
+
+
+@pytest.mark.parametrize("cores,threads", [(1, 1), (2, 1), (3, 1), (8, 4)])
+def test_an_update_takes_half_the_cores_by_default(monkeypatch, cores, threads):
+    monkeypatch.setattr(worker_module, "usable_cores", lambda: cores)
+    assert default_update_threads() == threads
 
 
 def test_feedback_miou_counts_the_classes_in_either():

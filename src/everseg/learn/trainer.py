@@ -338,7 +338,7 @@ class Trainer:
 
         session_start = time.perf_counter()
         epochs_this_session = 0
-        nchw_hooks = (dilated_depthwise_in_float32(self.model)
+        float32_swaps = (dilated_depthwise_in_float32(self.model)
                       if self.use_bf16 and tc.channels_last and self.device.type == "cpu" else [])
         try:
             while self.epoch < tc.epochs and not self.stop_requested:
@@ -436,8 +436,8 @@ class Trainer:
                 for plugin in self.plugins:
                     plugin.on_epoch_end(self)
         finally:
-            for hook in nchw_hooks:
-                hook.remove()
+            for swap in float32_swaps:
+                swap.remove()
             progress.close()
             if writer is not None:
                 writer.close()

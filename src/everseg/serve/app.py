@@ -15,7 +15,6 @@ import base64
 import hmac
 import io
 import logging
-import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +30,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from torch import nn
 
+from everseg.devices import usable_cores
 from everseg.models.saving import read_model_config
 from everseg.models.versions import ModelRegistry, RegistryError
 from everseg.serve.feedback import FeedbackStore, QueueFull
@@ -55,14 +55,6 @@ class ServeSettings:
     device: str = "auto"  # where predictions run: auto (CUDA when present) | cpu | cuda | cuda:N | mps
     predict_workers: int | None = None  # predictions computed at once; None = default_predict_workers()
     extra: dict[str, Any] = field(default_factory=dict)  # shown on /healthz (holdout, worker)
-
-
-def usable_cores() -> int:
-    """The cores this process may run on (its affinity mask, which a container's CPU set narrows)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS and Windows have no affinity mask
-        return os.cpu_count() or 1
 
 
 def default_predict_workers(device: torch.device) -> int:
