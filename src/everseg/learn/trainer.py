@@ -339,7 +339,7 @@ class Trainer:
         session_start = time.perf_counter()
         epochs_this_session = 0
         float32_swaps = (dilated_depthwise_in_float32(self.model)
-                      if self.use_bf16 and tc.channels_last and self.device.type == "cpu" else [])
+                         if self.use_bf16 and tc.channels_last and self.device.type == "cpu" else [])
         try:
             while self.epoch < tc.epochs and not self.stop_requested:
                 if self.epoch > 0 and distributed.any_process(not self._next_step_fits(), self.device):
