@@ -236,11 +236,15 @@ def train(
     """Train a model; the best (or last) model is saved in OUT/model."""
     from everseg.learn import train as run_train
 
-    if nproc is not None and nproc > 1:
-        raise typer.Exit(_torchrun(nproc))
     cfg = _config(config, set_, **{"data.path": ("--data", None if data is None else str(data)),
                                    "data.dataset": ("--dataset", dataset), "train.epochs": ("--epochs", epochs),
                                    "train.device": ("--device", device)})
+    if nproc is not None and nproc > 1:
+        from everseg.learn.distributed import check_data_parallel
+
+        # Refused here, not in every started process: one message, at once.
+        check_data_parallel(cfg.train.batch_size, cfg.train.finetune, nproc)
+        raise typer.Exit(_torchrun(nproc))
     result = run_train(cfg, out, resume=resume, overwrite=overwrite, progress=progress)
     if not _main_process():
         return  # under torchrun process 0 reports for all

@@ -112,7 +112,19 @@ def test_the_global_batch_must_split_over_the_processes(tiny_camvid, recipe, tmp
                 "--set", "train.batch_size=3", nproc=2)
     assert r.returncode != 0
     assert "train.batch_size 3 is the global batch" in r.stdout + r.stderr
-    assert not (tmp_path / "odd" / "checkpoint.pt").exists()
+    assert "running:" not in r.stdout  # refused before torchrun started anything
+    assert not (tmp_path / "odd").exists()
+
+
+def test_every_process_refuses_what_cannot_run_data_parallel():
+    """The trainer's own check, for runs started with torchrun directly."""
+    from everseg.learn.distributed import check_data_parallel
+
+    check_data_parallel(8, "full", 2)
+    with pytest.raises(ValueError, match="batch_size 6 is the global batch.*over the 4 processes"):
+        check_data_parallel(6, "full", 4)
+    with pytest.raises(ValueError, match="gradual cannot run data-parallel"):
+        check_data_parallel(8, "gradual", 2)
 
 
 @pytest.mark.slow

@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
 
 from serve_testkit import free_port

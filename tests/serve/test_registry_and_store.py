@@ -5,6 +5,9 @@ from __future__ import annotations
 import io
 import json
 import multiprocessing as mp
+import os
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -13,7 +16,7 @@ from PIL import Image
 
 from everseg.models import create_model
 from everseg.models.versions import ModelRegistry, RegistryError
-from everseg.serve.feedback import FeedbackStore, QueueFull
+from everseg.serve.feedback import FeedbackStore, QueueFull, holder_is_gone, lease_holder_name
 from everseg.serve.uploads import UploadError, read_image_upload, read_mask_upload
 
 
@@ -72,10 +75,15 @@ def test_feedback_is_stored_before_it_is_acknowledged_and_requeued_after_a_crash
     b = store.add(b"img-b", ".jpg", b"mask-b", height=2, width=3)
     with pytest.raises(QueueFull):
         store.add(b"img-c", ".png", b"mask-c", height=2, width=3)
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = lease_holder_name().replace(f"|{os.getpid()}|", f"|{int(gone.stdout)}|")
+    assert store.acquire_lease(dead, 30)
     store.update(a.id, status="training")
-    # A new process (the server restarted after kill -9) finds both, the interrupted one queued again.
+    # A new process (the server restarted after kill -9) finds both, the interrupted one queued
+    # again as it takes the lease of the dead one, without waiting for the lease to expire.
     again = FeedbackStore(tmp_path)
-    assert again.recover() == 1
+    assert again.lease_holder() is None
+    assert again.acquire_lease(lease_holder_name(), 30)
     assert [i.id for i in again.queued()] == [a.id, b.id]
     assert "interrupted" in again.get(a.id).detail
     with pytest.raises(ValueError, match="unknown feedback status"):
@@ -99,6 +107,12 @@ def test_only_one_process_holds_the_update_lease(tmp_path):
     assert FeedbackStore(tmp_path).acquire_lease("other", 0.2)
     time.sleep(0.3)
     assert store.acquire_lease("me", 30)  # an expired lease is free
+    # A live process of this host keeps its lease; one of another host cannot be checked: it keeps it until it expires.
+    mine = lease_holder_name()
+    store.release_lease("me")
+    assert store.acquire_lease(mine, 30)
+    assert not holder_is_gone(mine) and not holder_is_gone("elsewhere|pid:[1]|12|abcdef")
+    assert FeedbackStore(tmp_path).acquire_lease(lease_holder_name(), 30) is False
 
 
 def _png(array: np.ndarray, fmt: str = "PNG", **kw) -> bytes:

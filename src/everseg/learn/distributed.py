@@ -43,6 +43,17 @@ def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
 
 
+def check_data_parallel(batch_size: int, finetune: str, processes: int) -> None:
+    """Refuse a training config that cannot run over ``processes``: checked by the trainer in
+    every process, and by ``everseg train --nproc`` before it starts any."""
+    if batch_size % processes:
+        raise ValueError(f"train.batch_size {batch_size} is the global batch: it must split evenly "
+                         f"over the {processes} processes")
+    if finetune == "gradual":
+        raise ValueError("train.finetune gradual cannot run data-parallel: it changes which weights "
+                         "train during the run, and DistributedDataParallel fixes them at the start")
+
+
 def current_world() -> World | None:
     """This process's place in the group, or None when training alone."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:

@@ -136,12 +136,7 @@ class Trainer:
         if self.world is not None:
             if self.device.type == "cuda":
                 self.device = torch.device("cuda", self.world.local_rank)
-            if tc.batch_size % self.world.size:
-                raise ValueError(f"train.batch_size {tc.batch_size} is the global batch: it must split evenly "
-                                 f"over the {self.world.size} processes")
-            if tc.finetune == "gradual":
-                raise ValueError("train.finetune gradual cannot run data-parallel: it changes which weights "
-                                 "train during the run, and DistributedDataParallel fixes them at the start")
+            distributed.check_data_parallel(tc.batch_size, tc.finetune, self.world.size)
         self.precision = choose_precision(self.device, tc.bf16)
         # Evaluation autocasts only to bfloat16; float16 training validates in float32.
         self.use_bf16 = self.precision.dtype == torch.bfloat16

@@ -5,7 +5,8 @@ Each feedback item is an image, its corrected mask and optionally the names of n
 client string becomes a path) and then commits the item's row; only then may the server
 answer 202. A ``kill -9`` before the commit leaves orphan files and no row (the client got
 no answer and retries); after it, the item is there and is processed after a restart.
-Items in ``training`` when the process died go back to ``queued``.
+Items in ``training`` when the process died go back to ``queued`` when the next worker takes
+the update lease over.
 
 The rows live in the registry's SQLite database (WAL), beside the model versions, so one
 transaction can cover both. The update lease (:meth:`acquire_lease`) makes one process of
@@ -15,7 +16,9 @@ several (replicas of the server on one registry) the only one that trains.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import socket
 import threading
 import time
 import uuid
@@ -26,6 +29,7 @@ from typing import Any
 from everseg.atomic import atomic_write
 from everseg.database import connect, write_transaction
 
+log = logging.getLogger(__name__)
 STATUSES = ("queued", "training", "accepted", "rejected", "held_out", "failed")
 
 _SCHEMA = """
@@ -200,12 +204,11 @@ class FeedbackStore:
         with self._write() as con:
             con.execute(f"UPDATE feedback SET {cols} WHERE id = ?", (*fields.values(), int(item_id)))
 
-    def recover(self) -> int:
-        """Items a killed process was training on go back to the queue; returns how many."""
-        with self._write() as con:
-            return con.execute("UPDATE feedback SET status = 'queued', updated = ?, detail = "
-                               "'requeued: the update was interrupted' WHERE status = 'training'",
-                               (time.time(),)).rowcount
+    @staticmethod
+    def _requeue_training(con) -> int:
+        return con.execute("UPDATE feedback SET status = 'queued', updated = ?, detail = "
+                           "'requeued: the update was interrupted' WHERE status = 'training'",
+                           (time.time(),)).rowcount
 
     def feedback_mious(self, version: int, limit: int | None = None) -> list[float]:
         """The feedback mIoU of predictions served by ``version``, most recent first."""
@@ -217,14 +220,22 @@ class FeedbackStore:
 
     # ------------------------------------------------------------------ the update lease
     def acquire_lease(self, holder: str, seconds: float, name: str = "updates") -> bool:
-        """Take or renew the lease ``name`` for ``seconds``; False while another holder has it."""
+        """Take or renew the lease ``name`` for ``seconds``; False while another live holder has it.
+
+        A holder is gone when its lease expired or, sooner, when it names a process of this
+        host and pid namespace that no longer exists (a server restarted after ``kill -9`` takes
+        over at once instead of waiting out the lease). Taking the lease from a gone holder puts
+        the items it was training back in the queue."""
         now = time.time()
         with self._write() as con:
             row = con.execute("SELECT holder, expires FROM lease WHERE name = ?", (name,)).fetchone()
-            if row is not None and row[0] != holder and row[1] > now:
+            if row is not None and row[0] != holder and row[1] > now and not holder_is_gone(row[0]):
                 return False
+            requeued = self._requeue_training(con) if row is None or row[0] != holder else 0
             con.execute("INSERT INTO lease (name, holder, expires) VALUES (?, ?, ?) ON CONFLICT(name) DO UPDATE "
                         "SET holder = excluded.holder, expires = excluded.expires", (name, holder, now + seconds))
+        if requeued:
+            log.info("%d feedback item(s) interrupted by a stop were queued again", requeued)
         return True
 
     def release_lease(self, holder: str, name: str = "updates") -> None:
@@ -234,4 +245,32 @@ class FeedbackStore:
     def lease_holder(self, name: str = "updates") -> str | None:
         with self._lock:
             row = self._con.execute("SELECT holder, expires FROM lease WHERE name = ?", (name,)).fetchone()
-        return row[0] if row is not None and row[1] > time.time() else None
+        return row[0] if row is not None and row[1] > time.time() and not holder_is_gone(row[0]) else None
+
+
+def _pid_namespace() -> str:
+    try:
+        return os.readlink("/proc/self/ns/pid")  # e.g. "pid:[4026531836]"; containers have their own
+    except OSError:
+        return ""
+
+
+def lease_holder_name() -> str:
+    """A lease holder's name: host, pid namespace and pid say where it runs; the random tail
+    tells two holders of one process apart."""
+    return f"{socket.gethostname()}|{_pid_namespace()}|{os.getpid()}|{uuid.uuid4().hex[:6]}"
+
+
+def holder_is_gone(holder: str) -> bool:
+    """True when ``holder`` (:func:`lease_holder_name`) is a process of this host and pid
+    namespace that has exited. Elsewhere nothing can be told: its lease expires."""
+    parts = holder.split("|")
+    if len(parts) != 4 or not parts[1] or (parts[0], parts[1]) != (socket.gethostname(), _pid_namespace()):
+        return False
+    try:
+        os.kill(int(parts[2]), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, ValueError):
+        return False
+    return False

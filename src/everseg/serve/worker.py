@@ -3,7 +3,8 @@
 It runs as its own process beside the HTTP app (``everseg serve`` starts it), at a lower CPU
 priority, so that predictions keep the cores when both want them. Of several replicas on
 one registry only the holder of the database lease trains; the others wait and take over
-when a holder stops renewing it.
+when a holder stops renewing it or, on the same host, its process is gone (a restart after
+``kill -9`` goes on learning at once, the interrupted item first).
 
 For each item, in arrival order:
 
@@ -23,10 +24,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import socket
 import threading
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,7 +38,7 @@ from everseg.data.io import read_image
 from everseg.devices import usable_cores
 from everseg.evaluate.metrics import SegmentationMetrics
 from everseg.models.versions import ModelRegistry
-from everseg.serve.feedback import FeedbackItem, FeedbackStore
+from everseg.serve.feedback import FeedbackItem, FeedbackStore, lease_holder_name
 from everseg.serve.uploads import mask_ids
 
 log = logging.getLogger(__name__)
@@ -122,7 +121,7 @@ class UpdateWorker:
         self.store = FeedbackStore(self.root)
         self.holdout = holdout
         self.holdout_hash = holdout_fingerprint(holdout)
-        self.holder = holder or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.holder = holder or lease_holder_name()
         self.learner_options = dict(learner_options or {})
         self._learner: Any = None
         self._models: dict[int, Any] = {}  # versions loaded to score the predictions they served
@@ -291,8 +290,12 @@ class UpdateWorker:
 
     def step(self) -> bool:
         """Do one piece of work if this worker holds the lease; True when it did something."""
-        # An idle look is a read: the lease (a write) is taken only when there is work.
-        if self.store.count("queued") == 0 or not self.store.acquire_lease(self.holder, self.settings.lease_seconds):
+        # An idle look is a read: the lease (a write) is taken only when there is work, queued
+        # or left in training by a holder that is gone.
+        if self.store.count("queued") == 0 and (self.store.count("training") == 0
+                                                or self.store.lease_holder() is not None):
+            return False
+        if not self.store.acquire_lease(self.holder, self.settings.lease_seconds):
             return False
         # An update may outlast the lease (a slow machine, a long new-class job): renew it while
         # working, or another replica would take it and train beside this one.
@@ -322,9 +325,6 @@ class UpdateWorker:
         """Work until ``stop`` is set (or the parent process is gone)."""
         stop = stop or threading.Event()
         parent = os.getppid()
-        requeued = self.store.recover()
-        if requeued:
-            log.info("%d feedback item(s) interrupted by a stop were queued again", requeued)
         try:
             while not stop.is_set():
                 if os.getppid() != parent:  # the server died: so does its worker
