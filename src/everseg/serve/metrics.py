@@ -103,10 +103,11 @@ class ServiceMetrics:
     def observe_request(self, endpoint: str, method: str, code: int, seconds: float, version: int) -> None:
         self.requests.labels(endpoint, method, str(code), str(version)).observe(seconds)
 
-    def observe_prediction(self, version: int, confidence: float, names: Sequence[str], ids: np.ndarray) -> None:
+    def observe_prediction(self, version: int, confidence: float, names: Sequence[str],
+                           shares: Sequence[float]) -> None:
+        """``shares``: the fraction of the image's pixels predicted as each class, in ``names``' order."""
         self.confidence.labels(str(version)).observe(confidence)
-        counts = np.bincount(ids.ravel(), minlength=len(names))[:len(names)] / max(1, ids.size)
-        for name, share in zip(names, counts):
+        for name, share in zip(names, shares):
             self.areas.labels(str(version), name).observe(float(share))
 
     def _update_training_areas(self) -> None:
