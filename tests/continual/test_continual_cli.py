@@ -106,6 +106,7 @@ def test_a_killed_scenario_run_resumes_where_it_stopped(tiny_camvid, tmp_path):
         assert (run / "step1" / "checkpoint.pt").is_file(), proc.communicate()[1] if proc.poll() is not None else ""
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
+        assert proc.returncode == -signal.SIGKILL  # killed mid-run, not finished before the signal
     finally:
         if proc.poll() is None:
             proc.kill()

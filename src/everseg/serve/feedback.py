@@ -15,6 +15,7 @@ several (replicas of the server on one registry) the only one that trains.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -248,29 +249,34 @@ class FeedbackStore:
         return row[0] if row is not None and row[1] > time.time() and not holder_is_gone(row[0]) else None
 
 
-def _pid_namespace() -> str:
+@functools.cache
+def _this_host() -> tuple[str, str]:
+    """Host name and pid namespace ("pid:[4026531836]"; containers have their own): asked for
+    at every look at the lease, and the same for the life of the process."""
     try:
-        return os.readlink("/proc/self/ns/pid")  # e.g. "pid:[4026531836]"; containers have their own
+        namespace = os.readlink("/proc/self/ns/pid")
     except OSError:
-        return ""
+        namespace = ""
+    return socket.gethostname(), namespace
 
 
 def lease_holder_name() -> str:
     """A lease holder's name: host, pid namespace and pid say where it runs; the random tail
     tells two holders of one process apart."""
-    return f"{socket.gethostname()}|{_pid_namespace()}|{os.getpid()}|{uuid.uuid4().hex[:6]}"
+    host, namespace = _this_host()
+    return f"{host}|{namespace}|{os.getpid()}|{uuid.uuid4().hex[:6]}"
 
 
 def holder_is_gone(holder: str) -> bool:
     """True when ``holder`` (:func:`lease_holder_name`) is a process of this host and pid
     namespace that has exited. Elsewhere nothing can be told: its lease expires."""
     parts = holder.split("|")
-    if len(parts) != 4 or not parts[1] or (parts[0], parts[1]) != (socket.gethostname(), _pid_namespace()):
+    if len(parts) != 4 or not parts[1] or (parts[0], parts[1]) != _this_host():
         return False
     try:
         os.kill(int(parts[2]), 0)
     except ProcessLookupError:
         return True
     except (PermissionError, ValueError):
-        return False
+        pass
     return False
