@@ -140,6 +140,26 @@ def test_uploads_are_checked_before_they_are_decoded():
     assert err.value.status in (400, 413)
 
 
+def test_uploaded_pixels_are_pillows_whichever_decoder_reads_them():
+    rgb = np.random.default_rng(1).integers(0, 255, (24, 32, 3), dtype=np.uint8)
+    gray = np.ascontiguousarray(rgb[..., 0])
+    wide = (rgb.astype(np.uint16) * 257)
+    for data in [_png(rgb), _png(rgb, "JPEG", quality=80), _png(gray), _png(np.dstack([rgb, gray])),
+                 _png(gray, "JPEG"), _png(rgb, "PNG", transparency=(1, 2, 3))]:
+        with Image.open(io.BytesIO(data)) as img:
+            expected = np.asarray(img.convert("RGB"))
+        got, _ = read_image_upload(data, max_pixels=10_000)
+        assert got.shape == (24, 32, 3) and got.dtype == np.uint8 and (got == expected).all()
+        assert got.flags.writeable
+    buf = io.BytesIO()
+    Image.fromarray(wide[..., 0]).save(buf, format="PNG")  # 16-bit grey: Pillow's conversion
+    assert read_image_upload(buf.getvalue(), max_pixels=10_000)[0].shape == (24, 32, 3)
+    with pytest.raises(UploadError, match="truncated") as err:
+        jpeg = _png(np.tile(rgb, (8, 8, 1)), "JPEG")
+        read_image_upload(jpeg[:len(jpeg) // 2], max_pixels=100_000)
+    assert err.value.status == 400
+
+
 def test_masks_must_match_their_image_and_the_label_space():
     ids = np.array([[0, 1], [2, 255]], np.uint8)
     assert (read_mask_upload(_png(ids), height=2, width=2, num_classes=3, max_pixels=100) == ids).all()
