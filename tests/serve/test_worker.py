@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -14,7 +18,8 @@ from everseg.models import create_model
 from everseg.models.versions import ModelRegistry
 from everseg.serve.feedback import FeedbackStore
 from everseg.serve import worker as worker_module
-from everseg.serve.worker import UpdateWorker, WorkerSettings, default_update_threads, feedback_miou
+from everseg.serve.worker import (OtherLoad, UpdateWorker, WorkerSettings, default_update_threads, feedback_miou,
+                                  update_threads)
 
 pytestmark = pytest.mark.slow  # the worker trains
 
@@ -47,6 +52,25 @@ def setup(tiny_camvid, tmp_path):
 def test_an_update_takes_half_the_cores_by_default(monkeypatch, cores, threads):
     monkeypatch.setattr(worker_module, "usable_cores", lambda: cores)
     assert default_update_threads() == threads
+
+
+@pytest.mark.parametrize("cores,busy,threads", [(2, None, 1), (2, 0.1, 2), (2, 0.5, 1), (2, 1.7, 1), (8, 1.0, 8),
+                                                (8, 2.5, 4), (1, 0.0, 1)])
+def test_an_update_takes_every_core_only_while_the_machine_is_otherwise_quiet(monkeypatch, cores, busy, threads):
+    monkeypatch.setattr(worker_module, "usable_cores", lambda: cores)
+    assert update_threads(busy) == threads
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="the load is read from Linux's /proc/stat")
+def test_the_load_counts_other_processes_not_the_workers_own():
+    load = OtherLoad(window=10)
+    start = time.monotonic()
+    while time.monotonic() - start < 0.5:  # this process's own work
+        pass
+    assert load.busy_cores() < 0.3
+    spin = "import time\nt = time.monotonic()\nwhile time.monotonic() - t < 1.0: pass"
+    subprocess.run([sys.executable, "-c", spin], check=True)
+    assert load.busy_cores() > 0.4  # one core for 1 s of the last ~1.6 s
 
 
 def test_feedback_miou_counts_the_classes_in_either():

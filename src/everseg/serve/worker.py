@@ -26,6 +26,7 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,68 @@ def default_update_threads() -> int:
     return max(1, usable_cores() // 2)
 
 
+class OtherLoad:
+    """How many of this process's cores the rest of the machine kept busy lately: /proc/stat's
+    busy time on those cores less this process's own CPU time, over the last few seconds.
+
+    An update that finds the cores free trains on all of them (on 2 cores an idle update took
+    3.4 s with two threads, 3.8 s with one); one that shares them with predictions keeps to
+    :func:`default_update_threads`. Not on Linux, nothing is known (``busy_cores`` is None)."""
+
+    def __init__(self, window: float = 3.0):
+        self.window = window
+        self.cores = _affinity()
+        self.samples: deque[tuple[float, float, float]] = deque()
+        self.sample()
+
+    def _now(self) -> tuple[float, float, float] | None:
+        try:
+            lines = Path("/proc/stat").read_text().splitlines()
+        except OSError:
+            return None
+        busy = 0
+        for line in lines:
+            name, *fields = line.split()
+            if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in self.cores:
+                user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[:8])
+                busy += user + nice + system + irq + softirq + steal
+        own = os.times()
+        return time.monotonic(), busy / os.sysconf("SC_CLK_TCK"), own.user + own.system
+
+    def sample(self) -> None:
+        """Remember the counters now (the worker does at every idle look and every decision)."""
+        now = self._now()
+        if now is None:
+            return
+        self.samples.append(now)
+        # Keep the newest sample older than the window: the span starts there.
+        while len(self.samples) > 2 and now[0] - self.samples[1][0] >= self.window:
+            self.samples.popleft()
+
+    def busy_cores(self) -> float | None:
+        """Cores the others used on average since the oldest sample kept (at least the window
+        when the worker idled that long; since its last decision when it was busy)."""
+        now = self._now()
+        if now is None or not self.samples or now[0] - self.samples[0][0] < 0.05:
+            return None
+        then = self.samples[0]
+        return max(0.0, (now[1] - then[1]) - (now[2] - then[2])) / (now[0] - then[0])
+
+
+def _affinity() -> set[int]:
+    try:
+        return set(os.sched_getaffinity(0))
+    except AttributeError:
+        return set(range(os.cpu_count() or 1))
+
+
+def update_threads(busy_cores: float | None) -> int:
+    """Torch threads for the next update when the rest of the machine kept ``busy_cores`` busy
+    lately (None: not known): every core when that is under a quarter of them."""
+    cores = usable_cores()
+    return cores if busy_cores is not None and busy_cores < cores / 4 else default_update_threads()
+
+
 @dataclass
 class WorkerSettings:
     """How feedback becomes versions; ``everseg serve`` fills it from its options."""
@@ -64,7 +127,8 @@ class WorkerSettings:
     rollback_margin: float = 5.0  # points of feedback mIoU below the parent that roll a version back
     lease_seconds: float = 30.0  # how long the update lease lasts without renewal
     poll_seconds: float = 0.1  # how often an idle worker looks for work
-    # Torch threads of the update (None: default_update_threads()).
+    # Torch threads of the update (None: every core while the rest of the machine leaves them
+    # free, default_update_threads() while it does not; see OtherLoad).
     threads: int | None = None
     # CPU priority below the predictions' (0 = the same). Under 4 clients that keep both cores
     # busy, updates at 10 got about a tenth of the CPU and published 2 versions in 2 minutes; at 5,
@@ -114,7 +178,8 @@ def feedback_miou(pred: np.ndarray, mask: np.ndarray, num_classes: int, ignore_i
 
 class UpdateWorker:
     def __init__(self, registry: str | Path, holdout: SegmentationDataset, settings: WorkerSettings | None = None,
-                 *, holder: str | None = None, learner_options: dict[str, Any] | None = None):
+                 *, holder: str | None = None, learner_options: dict[str, Any] | None = None,
+                 adapt_threads: bool = False):
         self.root = Path(registry)
         self.settings = settings or WorkerSettings()
         self.registry = ModelRegistry(self.root)
@@ -125,6 +190,9 @@ class UpdateWorker:
         self.learner_options = dict(learner_options or {})
         self._learner: Any = None
         self._models: dict[int, Any] = {}  # versions loaded to score the predictions they served
+        # The process's torch threads follow the machine's load (the worker process only: it
+        # owns its threads; a worker inside another program leaves them alone).
+        self.load = OtherLoad() if adapt_threads else None
 
     # ------------------------------------------------------------------ the learner
     @property
@@ -311,6 +379,7 @@ class UpdateWorker:
             if work is None:
                 return False
             kind, items, names = work
+            self._choose_threads()
             if kind == "same":
                 self.process(items[0])
             else:
@@ -321,6 +390,20 @@ class UpdateWorker:
             done.set()
             heartbeat.join()
 
+    def _choose_threads(self) -> None:
+        """Set this process's torch threads for the next update (:func:`update_threads`)."""
+        if self.load is None:
+            return
+        import torch
+
+        busy = self.load.busy_cores()
+        self.load.sample()
+        threads = update_threads(busy)
+        if threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
+            log.info("updates now train with %d thread(s): the rest of the machine kept %s of %d cores busy",
+                     threads, "?" if busy is None else f"{busy:.2f}", usable_cores())
+
     def run(self, stop: threading.Event | None = None) -> None:
         """Work until ``stop`` is set (or the parent process is gone)."""
         stop = stop or threading.Event()
@@ -330,6 +413,8 @@ class UpdateWorker:
                 if os.getppid() != parent:  # the server died: so does its worker
                     break
                 if not self.step():
+                    if self.load is not None:
+                        self.load.sample()
                     stop.wait(self.settings.poll_seconds)
         finally:
             self.store.release_lease(self.holder)
@@ -357,7 +442,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(settings.threads or default_update_threads())
     logging.basicConfig(level=logging.INFO, format="worker: %(message)s")
     holdout = open_dataset(args.holdout, dataset=args.dataset, split=args.split)
-    UpdateWorker(args.registry, holdout, settings).run()
+    UpdateWorker(args.registry, holdout, settings, adapt_threads=settings.threads is None).run()
 
 
 if __name__ == "__main__":
