@@ -303,7 +303,7 @@ def stream(args, runs: Path, update_options: list[str], settings) -> dict:
     from everseg.models import load_model, save_model
 
     cargs = argparse.Namespace(data=args.data, config=BENCH_DIR.parent / "configs" / "camvid.yaml",
-                               runs=BENCH_DIR / "runs" / "continual", domain_base_minutes=10.0, base_minutes=15.0,
+                               runs=args.continual_runs, domain_base_minutes=10.0, base_minutes=15.0,
                                threads=None, overrides={}, set=[], memory=20)
     scenario = bench_continual._scenario("camvid-domains", cargs)
     base_dir = bench_continual.base_model("camvid-domains", cargs)
@@ -353,7 +353,8 @@ def stream(args, runs: Path, update_options: list[str], settings) -> dict:
     http = {"accepted": accepted, "seconds": seconds, **scores(ModelRegistry(runs / "stream-registry-http").load(active))}
     print("stream through HTTP", http, flush=True)
     start_scores = scores(load_model(start_dir))
-    return {"images": len(order), "start": start_scores, "in_process": local, "http": http}
+    return {"images": len(order), "start": start_scores, "in_process": local, "http": http,
+            "base": str(base_dir.relative_to(BENCH_DIR)) if base_dir.is_relative_to(BENCH_DIR) else str(base_dir)}
 
 
 # ---------------------------------------------------------------------------- report
@@ -448,7 +449,8 @@ def stream_table(r: dict) -> str:
     out = [f"## Serving: the dusk stream (`python benchmarks/serve.py{' ' + options if options else ''}`)", "",
            f"{m['date']}, commit {m['commit']}, {m['cpu']}, {m['cores']} cores, torch {m['torch']}. "
            f"{s['images']} dusk images of CamVid 0001TP, one at a time, to the 0016E5 model of "
-           "`benchmarks/continual.py` with its own training images in memory; 21 day validation images as the "
+           f"`benchmarks/continual.py` (`{s.get('base', 'runs/continual/bases/domains/step0/model')}`) with its own "
+           "training images in memory; 21 day validation images as the "
            "holdout; the worker's settings in both runs"
            + (f" (`{options}`)" if options else "") + ". Goal: through HTTP within 1 mIoU of in process.", "",
            "| run | accepted | day mIoU | dusk mIoU | minutes |", "|---|---:|---:|---:|---:|",
@@ -470,6 +472,9 @@ def main() -> None:
                    help="share of the idle capacity the paced clients ask for together")
     p.add_argument("--skip-stream", action="store_true", help="leave the stream's results and table as they are")
     p.add_argument("--only-stream", action="store_true", help="measure the stream alone")
+    p.add_argument("--continual-runs", type=Path, default=BENCH_DIR / "runs" / "continual",
+                   help="benchmarks/continual.py's runs whose camvid-domains step 0 the stream starts from "
+                        "(trained there, 10 minutes, when it is missing)")
     # The server's update options; any given makes a variant with its own results file and section.
     p.add_argument("--update-finetune", choices=["full", "frozen"], help="the server's --update-finetune")
     p.add_argument("--update-crop", help="the server's --update-crop")
