@@ -705,8 +705,8 @@ def serve(
     update_nice: Annotated[int, typer.Option(
         min=0, max=19, help="CPU priority of updates below predictions' (0 = the same, 19 = the lowest)")] = 5,
     update_threads: Annotated[Optional[int], typer.Option(
-        min=1, help="Torch threads of the update worker (default: half the cores, at least 1: "
-                    "updates learn more under load)")] = None,
+        min=1, help="Torch threads of the update worker (default: every core while the rest of the machine "
+                    "leaves them free, half of them while it does not: updates learn more under load)")] = None,
     predict_workers: Annotated[Optional[int], typer.Option(
         min=1, help="Predictions computed at once, the cores split between them (default: 2 on a CPU "
                     "with 2 cores or more: more requests a second under load; 1: the fastest single request)")] = None,
