@@ -368,6 +368,9 @@ def stream(args, runs: Path, update_options: list[str], settings) -> dict:
     local = {"accepted": accepted, "seconds": time.perf_counter() - t0, **scores(learner.model)}
     print("stream in process", local, flush=True)
 
+    # A new registry: one left by an earlier run would be served from its last version on
+    # (`--model` publishes only into an empty one), as the second and third runs at 0252fd4 were.
+    shutil.rmtree(runs / "stream-registry-http", ignore_errors=True)
     server = Server(runs / "stream-registry-http", "--model", str(start_dir), "--holdout", str(holdout_dir),
                     "--split", "val", *update_options, log=runs / "stream.log")
     try:
