@@ -25,12 +25,18 @@ import torch
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
-def usable_cores() -> int:
-    """The cores this process may run on (its affinity mask, which a container's CPU set narrows)."""
+def usable_core_ids() -> set[int]:
+    """The ids of the cores this process may run on (its affinity mask, which a container's CPU
+    set narrows)."""
     try:
-        return len(os.sched_getaffinity(0))
+        return set(os.sched_getaffinity(0))
     except AttributeError:  # macOS and Windows have no affinity mask
-        return os.cpu_count() or 1
+        return set(range(os.cpu_count() or 1))
+
+
+def usable_cores() -> int:
+    """How many cores this process may run on (:func:`usable_core_ids`)."""
+    return len(usable_core_ids())
 
 
 def cpu_has_native_bf16() -> bool:

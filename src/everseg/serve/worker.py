@@ -36,7 +36,7 @@ from PIL import Image
 
 from everseg.data.dataset import SegmentationDataset
 from everseg.data.io import read_image
-from everseg.devices import usable_cores
+from everseg.devices import usable_core_ids, usable_cores
 from everseg.evaluate.metrics import SegmentationMetrics
 from everseg.models.versions import ModelRegistry
 from everseg.serve.feedback import FeedbackItem, FeedbackStore, lease_holder_name
@@ -65,7 +65,7 @@ class OtherLoad:
 
     def __init__(self, window: float = 3.0):
         self.window = window
-        self.cores = _affinity()
+        self.cores = usable_core_ids()
         self.samples: deque[tuple[float, float, float]] = deque()
         self.sample()
 
@@ -75,9 +75,13 @@ class OtherLoad:
         except OSError:
             return None
         busy = 0
-        for line in lines:
+        # The per-core lines come first; the rest (the interrupt counts: thousands of numbers)
+        # is not split at every look of an idle worker.
+        for line in lines[1:]:
+            if not line.startswith("cpu"):
+                break
             name, *fields = line.split()
-            if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in self.cores:
+            if int(name[3:]) in self.cores:
                 user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[:8])
                 busy += user + nice + system + irq + softirq + steal
         own = os.times()
@@ -101,13 +105,6 @@ class OtherLoad:
             return None
         then = self.samples[0]
         return max(0.0, (now[1] - then[1]) - (now[2] - then[2])) / (now[0] - then[0])
-
-
-def _affinity() -> set[int]:
-    try:
-        return set(os.sched_getaffinity(0))
-    except AttributeError:
-        return set(range(os.cpu_count() or 1))
 
 
 def update_threads(busy_cores: float | None) -> int:
