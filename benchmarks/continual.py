@@ -124,8 +124,10 @@ def run_strategy(protocol: str, name: str, args) -> ContinualReport:
     if name == "joint":
         report = run_scenario(scenario, "joint", cfg, run, base_model=base, overwrite=args.redo, progress=False)
     else:
+        parts = name.split("+")
+        params = {k: v for k, v in args.params.items() if k.partition(".")[0] in parts}
         report = run_scenario(scenario, name, cfg, run, base_model=base, step_minutes=args.step_share * minutes,
-                              memory_size=args.memory, overwrite=args.redo, progress=False)
+                              memory_size=args.memory, params=params, overwrite=args.redo, progress=False)
     atomic_write_json(run / RUN_INFO, made)
     return report
 
@@ -364,6 +366,9 @@ def main() -> None:
     parser.add_argument("--stream", action="store_true", help="run the OnlineLearner stream experiment instead")
     parser.add_argument("--stream-every", type=int, default=10, help="evaluate every N streamed images")
     parser.add_argument("--set", action="append", default=[], help="config override section.field=value")
+    parser.add_argument("--param", action="append", default=[],
+                        help="strategy hyper-parameter strategy.argument=value (e.g. plop.init=random), "
+                             "given to each run whose strategy includes it")
     parser.add_argument("--tag", default=None, help="a name for runs at another budget: kept apart from the main table")
     parser.add_argument("--runs", type=Path, default=None, help="where runs go (default runs/continual[-TAG])")
     args = parser.parse_args()
@@ -381,6 +386,12 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)  # evaluation too, not only the Trainer
     args.overrides = dict(parse_override(x) for x in args.set)
+    args.params = {}
+    for x in args.param:
+        key, eq, value = x.partition("=")
+        if not eq or "." not in key:
+            parser.error(f"--param {x!r}: expected strategy.argument=value")
+        args.params[key.strip()] = value.strip()
     if args.stream:
         update_readme_section("stream", stream_table(run_stream(args)))
         return

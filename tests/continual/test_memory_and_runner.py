@@ -179,6 +179,33 @@ def test_runner_reuses_a_base_model(tiny_scenario, tmp_path):
     assert not (tmp_path / "b" / "step0" / "model").exists()  # the base is not copied
 
 
+@pytest.mark.parametrize("spec, params, background", [
+    ("plop", {}, True),  # as published (the authors' --init_balanced)
+    ("plop", {"plop.init": "random"}, False),
+    ("plop+replay", {"plop.init": "random"}, False),
+    ("mib", {}, True),
+    ("lwf", {}, False),
+])
+def test_new_classifier_rows_start_as_the_strategy_says(tiny_scenario, spec, params, background):
+    from everseg.learn.continual import _step_model
+    from everseg.learn.strategies import build_strategies
+    from everseg.models import create_model
+
+    torch.manual_seed(0)
+    old = create_model(arch="lraspp", backbone="mobilenet_v2", label_space=tiny_scenario.steps[0].label_space,
+                       pretrained=False)
+    new = _step_model(tiny_cfg(), tiny_scenario.steps[1], old, build_strategies(spec, params))
+    rows = new.classifier.weight[old.num_classes:].detach()
+    assert torch.equal(rows, old.classifier.weight[:1].detach().expand_as(rows)) == background
+
+
+def test_plop_refuses_an_unknown_initialisation():
+    from everseg.learn.strategies import build_strategies
+
+    with pytest.raises(ValueError, match="plop.init must be 'background' or 'random', not 'zeros'"):
+        build_strategies("plop", {"plop.init": "zeros"})
+
+
 def test_domain_step_scores_classes_on_every_view_not_the_first(tiny_camvid):
     from types import SimpleNamespace
 

@@ -13,7 +13,9 @@ must keep. (2) Background pixels are pseudo-labelled with the old model's predic
 it is confident - normalised entropy below the median entropy of its predicted class,
 measured on the step's images before training - and set to ignore where it is not; each
 image's cross-entropy is then weighted by the share of its background pixels that were
-confident (the "classification adaptive factor").
+confident (the "classification adaptive factor"). (3) New classifier rows start as copies
+of the background row, MiB's initialisation (the authors' ``--init_balanced``, in every PLOP
+command they publish).
 
 Where this differs from the authors' code: windows follow the feature map's height and
 width (theirs cut the height by the width's window size), and an image without background
@@ -102,14 +104,20 @@ class PLOP(Strategy):
         threshold_images: at most this many of the step's images, evenly spread, estimate the
             thresholds (a median needs far fewer pixels than a whole dataset has; the pass
             counts against the step's time budget).
+        init: how new classifier rows start: ``"background"`` (MiB's, as published) or
+            ``"random"``.
     """
 
     name = "plop"
     reuses_backbone = True
 
     def __init__(self, pod_weight: float = 0.01, logits_weight: float = 0.0005, scales: tuple[int, ...] = (1, 2, 4),
-                 adaptive_factor: bool = True, max_threshold: float = 1.0, threshold_images: int = 64):
+                 adaptive_factor: bool = True, max_threshold: float = 1.0, threshold_images: int = 64,
+                 init: str = "background"):
         super().__init__()
+        if init not in ("background", "random"):
+            raise ValueError(f"plop.init must be 'background' or 'random', not {init!r}")
+        self.head_init = init
         self.pod_weight, self.logits_weight, self.scales = pod_weight, logits_weight, tuple(scales)
         self.adaptive_factor, self.max_threshold = adaptive_factor, max_threshold
         self.threshold_images = threshold_images
