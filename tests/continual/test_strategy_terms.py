@@ -475,3 +475,40 @@ def test_plop_pseudo_labels_after_the_forward_pass_from_the_shared_backbone():
     assert torch.allclose(batch.extra["plop_confident_share"], share)
     assert torch.allclose(batch.extra["plop_old_features"]["decoder"], old_feats["decoder"], atol=1e-5)
     assert "plop_pod" in plop.loss_terms(trainer, batch, StepOutput(logits, feats))
+
+
+@pytest.mark.parametrize("freeze_bn", [True, False])
+def test_plop_distils_a_model_computing_as_the_old_one_does(freeze_bn):
+    """In a later step PLOP keeps BatchNorm on the previous model's running statistics: with
+    the weights unchanged, the decoder's POD is then 0, where a batch's statistics alone would
+    make it large."""
+    from types import SimpleNamespace
+
+    from everseg.learn.strategies import PLOP
+    from everseg.learn.strategies.base import ContinualContext
+
+    old, new = old_and_next_model(("background", "a"), ("background", "a", "b"))
+    plop = PLOP(freeze_bn=freeze_bn)
+    trainer = SimpleNamespace(model=new)
+    new.train()
+    plop.on_epoch_start(trainer)  # step 0: no previous model, the loop's train mode stays
+    assert all(m.training for m in new.decoder.modules() if isinstance(m, nn.BatchNorm2d))
+    plop.begin_step(ContinualContext(step=None, step_index=1, old_model=old, old_num_classes=2))
+    new.train()
+    plop.on_epoch_start(trainer)
+    norms = [m for m in new.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert norms and all(m.training != freeze_bn for m in norms if m in set(new.decoder.modules()))
+    assert new.dropout.training  # only BatchNorm changes mode
+    image = torch.rand(4, 3, 64, 64)
+    with torch.no_grad():
+        _, feats = new(image, return_features=True)
+        _, old_feats = old(image, return_features=True)
+    pod = local_pod_loss([feats["decoder"]], [old_feats["decoder"]]).item()
+    assert (pod < 1e-4) == freeze_bn
+
+
+def test_pod_of_a_shared_tensor_counts_as_zero_in_the_mean():
+    shared, new, old = torch.rand(2, 3, 8, 8), torch.rand(2, 3, 8, 8), torch.rand(2, 3, 8, 8)
+    skipped = local_pod_loss([shared, new], [shared, old], weights=[0.5, 2.0])
+    computed = local_pod_loss([shared, new], [shared.clone(), old], weights=[0.5, 2.0])
+    assert torch.allclose(skipped, computed) and skipped > 0
