@@ -215,6 +215,7 @@ def reproduce_command(protocol: str, strategies: list[str], args) -> str:
         if value != default:
             parts.append(f"{flag} {value:g}")
     parts += [f"--set {k}={v}" for k, v in args.overrides.items()]
+    parts += [f"--param {k}={v}" for k, v in args.params.items()]
     parts.append(f"--protocols {protocol} --strategies {','.join(strategies)}")
     return " ".join(parts)
 
