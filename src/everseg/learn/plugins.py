@@ -21,9 +21,7 @@ pseudo-labels; ``batch.extra`` for the plugin's own data); the masks, also in
 segmentation loss, in ``shape_loss`` through :class:`~everseg.learn.losses.LossShape` (never by replacing
 ``criterion``); extra loss terms, returned by ``loss_terms``; gradients, in
 ``after_backward``; the model's weights, in ``after_step`` or ``end_step`` (Reptile, weight
-fusion) and which of them train, in ``on_fit_start`` (a frozen backbone); the mode of its
-layers, in ``on_epoch_start``, which follows the loop's ``model.train()`` (PLOP's BatchNorm
-kept in eval mode);
+fusion) and which of them train, in ``on_fit_start`` (a frozen backbone);
 ``criterion.class_weights``, in ``on_fit_start`` (replay counting its memory); stopping,
 with ``request_stop()``; more optimiser steps, only through ``nested_step(batch)`` (from
 ``before_forward`` or ``after_step``: MER's per-image steps). Models a plugin runs beside the

@@ -19,22 +19,26 @@ command they publish).
 
 Where this differs from the authors' code: windows follow the feature map's height and
 width (theirs cut the height by the width's window size), an image without background
-pixels keeps weight 1 (theirs gives it 0), and in a step after the first the trained model's
-BatchNorm layers keep the previous model's running statistics (``freeze_bn``). Theirs
+pixels keeps weight 1 (theirs gives it 0), and the old model's features for POD are
+computed with the BatchNorm statistics the trained model uses (``batch_statistics``). Theirs
 normalise the trained model's features by each batch's statistics and the old model's by its
 running ones; at a batch of 8 that difference alone made POD 5-8 times the segmentation loss
 before a single weight had moved (the decoder's embeddings 386 apart, the logits' 1,505, with
 identical weights), and its gradient pulled the decoder towards the batch statistics rather
-than towards what the old model computes.
+than towards what the old model computes. (Keeping the trained model on running statistics
+instead removes BatchNorm's normalisation from training: at the default later-step LR the
+loss diverged within 10 batches.)
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from everseg.learn.plugins import Batch, StepOutput
 from everseg.learn.strategies.base import Strategy
@@ -102,6 +106,25 @@ def pseudo_label(target: torch.Tensor, old_logits: torch.Tensor, thresholds: tor
     return out, torch.where(background > 0, share, torch.ones_like(share))
 
 
+@contextlib.contextmanager
+def statistics_as(model: nn.Module, reference: nn.Module):
+    """Within the block, each BatchNorm layer of ``model`` normalises as the same-named layer
+    of ``reference`` does: by the batch's statistics where that one is in train mode. Running
+    statistics stay as they are (momentum 0). Yields whether any layer changed mode."""
+    modes = {name: m.training for name, m in reference.named_modules() if isinstance(m, _BatchNorm)}
+    changed = [(m, m.momentum) for name, m in model.named_modules()
+               if isinstance(m, _BatchNorm) and m.track_running_stats and modes.get(name, m.training) != m.training]
+    try:
+        for m, _ in changed:
+            m.train(not m.training)
+            m.momentum = 0.0
+        yield bool(changed)
+    finally:
+        for m, momentum in changed:
+            m.train(not m.training)
+            m.momentum = momentum
+
+
 class PLOP(Strategy):
     """Local POD on every backbone stage, the decoder output and the logits, plus entropy
     pseudo-labels whose share weights each image's cross-entropy.
@@ -118,9 +141,10 @@ class PLOP(Strategy):
             counts against the step's time budget).
         init: how new classifier rows start: ``"background"`` (MiB's, as published) or
             ``"random"``.
-        freeze_bn: in a step with a previous model, keep the trained model's BatchNorm layers
-            in eval mode (the previous model's running statistics; their scales and shifts
-            still train), so that POD compares the two models computing the same way.
+        batch_statistics: run the old model's BatchNorm layers for POD as the trained model's
+            run (a batch's statistics where it trains them; their running statistics are left
+            alone), so that POD compares the two models computing the same way. Its
+            pseudo-labels still come from the old model in eval mode.
     """
 
     name = "plop"
@@ -128,12 +152,12 @@ class PLOP(Strategy):
 
     def __init__(self, pod_weight: float = 0.01, logits_weight: float = 0.0005, scales: tuple[int, ...] = (1, 2, 4),
                  adaptive_factor: bool = True, max_threshold: float = 1.0, threshold_images: int = 64,
-                 init: str = "background", freeze_bn: bool = True):
+                 init: str = "background", batch_statistics: bool = True):
         super().__init__()
         if init not in ("background", "random"):
             raise ValueError(f"plop.init must be 'background' or 'random', not {init!r}")
         self.head_init = init
-        self.freeze_bn = freeze_bn
+        self.batch_statistics = batch_statistics
         self.pod_weight, self.logits_weight, self.scales = pod_weight, logits_weight, tuple(scales)
         self.adaptive_factor, self.max_threshold = adaptive_factor, max_threshold
         self.threshold_images = threshold_images
@@ -159,13 +183,6 @@ class PLOP(Strategy):
         thr = [float(np.median(np.concatenate(e))) if e else 0.0 for e in entropies]
         self.thresholds = torch.tensor(thr).clamp(max=self.max_threshold)
 
-    def on_epoch_start(self, trainer) -> None:
-        # The loop has just put the model in train mode.
-        if self.freeze_bn and self.old_model is not None:
-            for module in trainer.model.modules():
-                if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                    module.eval()
-
     def after_forward(self, trainer, batch: Batch, output: StepOutput) -> None:
         # After the forward pass rather than before it, so that with a frozen backbone the old
         # model runs only its decoder on the trained model's features (the masks are not
@@ -173,6 +190,10 @@ class PLOP(Strategy):
         if self.old_model is None:
             return
         old_logits, old_feats = self.old_outputs(batch.image, features=True, trainer=trainer, output=output)
+        if self.batch_statistics:
+            with statistics_as(self.old_model, trainer.model) as changed:
+                if changed:
+                    _, old_feats = self.old_outputs(batch.image, features=True, trainer=trainer, output=output)
         batch.extra["plop_old_features"] = old_feats
         if self.thresholds is None:
             return
