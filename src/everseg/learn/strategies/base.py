@@ -20,14 +20,12 @@ backbone on all the data so far, with step 0's budget).
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from everseg.learn.plugins import Plugin
 
@@ -35,25 +33,6 @@ if TYPE_CHECKING:
     from everseg.data.scenarios import Step
     from everseg.learn.plugins import StepOutput
     from everseg.learn.trainer import Trainer
-
-
-@contextlib.contextmanager
-def statistics_as(model: nn.Module, reference: nn.Module):
-    """Within the block, each BatchNorm layer of ``model`` normalises as the same-named layer
-    of ``reference`` does: by the batch's statistics where that one is in train mode. Running
-    statistics stay as they are (momentum 0). Yields whether any layer changed mode."""
-    modes = {name: m.training for name, m in reference.named_modules() if isinstance(m, _BatchNorm)}
-    changed = [(m, m.momentum) for name, m in model.named_modules()
-               if isinstance(m, _BatchNorm) and m.track_running_stats and modes.get(name, m.training) != m.training]
-    try:
-        for m, _ in changed:
-            m.train(not m.training)
-            m.momentum = 0.0
-        yield bool(changed)
-    finally:
-        for m, momentum in changed:
-            m.train(not m.training)
-            m.momentum = momentum
 
 
 @dataclass

@@ -16,7 +16,7 @@ import logging
 import torch
 
 from everseg.learn.plugins import Batch, StepOutput
-from everseg.learn.strategies.base import Strategy, statistics_as
+from everseg.learn.strategies.base import Strategy
 
 log = logging.getLogger(__name__)
 
@@ -40,18 +40,15 @@ class MiB(Strategy):
 
     Args:
         distill_weight: weight of the unbiased distillation (paper: 10 on VOC, 100 on ADE).
-        batch_statistics: run the old model's BatchNorm layers for the distillation as the
-            trained model's run (a batch's statistics where it trains them), as PLOP does for
-            POD; off, the old model's outputs are its eval-mode ones (the paper's).
     """
 
     name = "mib"
     reuses_backbone = True
     head_init = "background"
 
-    def __init__(self, distill_weight: float = 10.0, batch_statistics: bool = False):
+    def __init__(self, distill_weight: float = 10.0):
         super().__init__()
-        self.distill_weight, self.batch_statistics = distill_weight, batch_statistics
+        self.distill_weight = distill_weight
 
     def _unbiased(self) -> bool:
         # Without a background shift label 0 is a class like any other (a domain step's Sky):
@@ -70,11 +67,7 @@ class MiB(Strategy):
     def loss_terms(self, trainer, batch: Batch, output: StepOutput) -> dict[str, torch.Tensor]:
         if self.old_model is None:
             return {}
-        if self.batch_statistics:
-            with statistics_as(self.old_model, trainer.model):
-                old = self.old_outputs(batch.image, trainer=trainer, output=output)
-        else:
-            old = self.old_outputs(batch.image, trainer=trainer, output=output)
+        old = self.old_outputs(batch.image, trainer=trainer, output=output)
         return {"mib_distill": self.distill_weight * unbiased_distillation(output.logits, old)}
 
 

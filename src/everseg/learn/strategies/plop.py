@@ -32,13 +32,16 @@ loss diverged within 10 batches.)
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
 import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from everseg.learn.plugins import Batch, StepOutput
-from everseg.learn.strategies.base import Strategy, statistics_as
+from everseg.learn.strategies.base import Strategy
 
 
 def pod_embedding(feature: torch.Tensor, scales: tuple[int, ...] = (1, 2, 4)) -> torch.Tensor:
@@ -101,6 +104,25 @@ def pseudo_label(target: torch.Tensor, old_logits: torch.Tensor, thresholds: tor
     background = bg.flatten(1).sum(1)
     share = (bg & confident).flatten(1).sum(1).float() / background.clamp_min(1)
     return out, torch.where(background > 0, share, torch.ones_like(share))
+
+
+@contextlib.contextmanager
+def statistics_as(model: nn.Module, reference: nn.Module):
+    """Within the block, each BatchNorm layer of ``model`` normalises as the same-named layer
+    of ``reference`` does: by the batch's statistics where that one is in train mode. Running
+    statistics stay as they are (momentum 0). Yields whether any layer changed mode."""
+    modes = {name: m.training for name, m in reference.named_modules() if isinstance(m, _BatchNorm)}
+    changed = [(m, m.momentum) for name, m in model.named_modules()
+               if isinstance(m, _BatchNorm) and m.track_running_stats and modes.get(name, m.training) != m.training]
+    try:
+        for m, _ in changed:
+            m.train(not m.training)
+            m.momentum = 0.0
+        yield bool(changed)
+    finally:
+        for m, momentum in changed:
+            m.train(not m.training)
+            m.momentum = momentum
 
 
 class PLOP(Strategy):
