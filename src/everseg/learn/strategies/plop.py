@@ -22,7 +22,7 @@ width (theirs cut the height by the width's window size), an image without backg
 pixels keeps weight 1 (theirs gives it 0), and the old model's features for POD are
 computed with the BatchNorm statistics the trained model uses (``batch_statistics``). Theirs
 normalise the trained model's features by each batch's statistics and the old model's by its
-running ones; at a batch of 8 that difference alone made POD 5-8 times the segmentation loss
+running ones; at a batch of 8 that difference alone made POD 5-9 times the segmentation loss
 before a single weight had moved (the decoder's embeddings 386 apart, the logits' 1,505, with
 identical weights), and its gradient pulled the decoder towards the batch statistics rather
 than towards what the old model computes. (Keeping the trained model on running statistics
