@@ -515,3 +515,36 @@ def test_pod_of_a_shared_tensor_counts_as_zero_in_the_mean():
     skipped = local_pod_loss([shared, new], [shared, old], weights=[0.5, 2.0])
     computed = local_pod_loss([shared, new], [shared.clone(), old], weights=[0.5, 2.0])
     assert torch.allclose(skipped, computed) and skipped > 0
+
+
+def window_pod_embedding(feature, scales):
+    """POD embeddings window by window, as PLOP's authors compute them (the reference)."""
+    x = feature.float().pow(2)
+    n, c, h, w = x.shape
+    parts = []
+    for s in scales:
+        hs, ws = max(1, h // s), max(1, w // s)
+        for i in range(s):
+            for j in range(s):
+                win = x[:, :, i * hs:(i + 1) * hs if i < s - 1 else h, j * ws:(j + 1) * ws if j < s - 1 else w]
+                if win.numel():
+                    parts += [win.mean(3).flatten(1), win.mean(2).flatten(1)]
+    return torch.cat(parts, dim=1)
+
+
+@pytest.mark.parametrize("shape, scales", [((2, 3, 9, 12), (1, 2, 4)), ((1, 2, 5, 7), (1, 2, 4)),
+                                           ((2, 2, 3, 2), (1, 2, 4)), ((1, 4, 18, 24), (1, 3))])
+def test_pod_embedding_holds_every_windows_means(shape, scales):
+    """The same numbers as the window-by-window embedding (in another order), so the same
+    distances and gradients, odd sizes and maps smaller than the grid included."""
+    torch.manual_seed(0)
+    new, old = torch.randn(*shape, requires_grad=True), torch.randn(*shape)
+    mine, theirs = pod_embedding(new, scales), window_pod_embedding(new, scales)
+    assert mine.shape == theirs.shape
+    torch.testing.assert_close(mine.sort(dim=1).values, theirs.sort(dim=1).values)
+    dist = torch.linalg.vector_norm(mine - pod_embedding(old, scales), dim=1).sum()
+    (grad,) = torch.autograd.grad(dist, new)
+    ref = torch.linalg.vector_norm(theirs - window_pod_embedding(old, scales), dim=1).sum()
+    (ref_grad,) = torch.autograd.grad(ref, new)
+    torch.testing.assert_close(dist, ref)
+    torch.testing.assert_close(grad, ref_grad)

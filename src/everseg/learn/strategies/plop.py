@@ -44,22 +44,39 @@ from everseg.learn.plugins import Batch, StepOutput
 from everseg.learn.strategies.base import Strategy
 
 
+def segment_means(length: int, scales: tuple[int, ...]) -> torch.Tensor:
+    """``length`` x K matrix whose columns average the segments of ``[0, length)`` that each
+    scale's grid cuts (s segments of ``length // s``, the last taking the remainder; empty
+    segments left out)."""
+    columns = []
+    for s in scales:
+        size = max(1, length // s)
+        for i in range(s):
+            lo, hi = i * size, min(length, (i + 1) * size if i < s - 1 else length)
+            if hi > lo:
+                column = torch.zeros(length)
+                column[lo:hi] = 1.0 / (hi - lo)
+                columns.append(column)
+    return torch.stack(columns, dim=1)
+
+
 def pod_embedding(feature: torch.Tensor, scales: tuple[int, ...] = (1, 2, 4)) -> torch.Tensor:
     """Local POD embedding of ``feature`` (N x C x H x W): N x K, the width- and height-means of
     the squared map in each window of each scale's grid (the last row/column of windows takes
-    the remainder), joined."""
+    the remainder), joined.
+
+    A window's width-means are the rows' means over its column segment, its height-means the
+    columns' means over its row segment, and every row and column lies in one segment per
+    scale; so the windows' embeddings together are, in another order, every row's mean over
+    every column segment and every column's mean over every row segment: two matrix products.
+    The L2 distance POD takes does not depend on the order. (Slicing each window instead made
+    PLOP's backward pass 2.9 times MiB's: every slice's gradient is a whole map of zeros.)
+    """
     x = feature.float().pow(2)
-    n, c, h, w = x.shape
-    parts = []
-    for s in scales:
-        hs, ws = max(1, h // s), max(1, w // s)
-        for i in range(s):
-            for j in range(s):
-                win = x[:, :, i * hs:(i + 1) * hs if i < s - 1 else h, j * ws:(j + 1) * ws if j < s - 1 else w]
-                if win.numel() == 0:
-                    continue
-                parts += [win.mean(3).flatten(1), win.mean(2).flatten(1)]  # along width, along height
-    return torch.cat(parts, dim=1)
+    h, w = x.shape[-2:]
+    along_width = x @ segment_means(w, scales).to(x.device)  # N x C x H x segments
+    along_height = x.transpose(-1, -2) @ segment_means(h, scales).to(x.device)  # N x C x W x segments
+    return torch.cat([along_width.flatten(1), along_height.flatten(1)], dim=1)
 
 
 def local_pod_loss(new_feats: list[torch.Tensor], old_feats: list[torch.Tensor],
