@@ -313,7 +313,7 @@ class Trainer:
                 frozen.to(self.device)
                 if tc.channels_last:
                     # It takes the trained model's channels-last images and features: in the
-                    # other layout the previous model's decoder ran 2.4x slower on the CPU.
+                    # other layout the previous model's decoder ran 2.4-3x slower on the CPU.
                     frozen.to(memory_format=torch.channels_last)
         progress = TrainProgress(tc.epochs, len(loader), enabled=self.show_progress)
         if resume:
