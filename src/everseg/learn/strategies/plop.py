@@ -24,8 +24,8 @@ computed with the BatchNorm statistics the trained model uses (``batch_statistic
 normalise the trained model's features by each batch's statistics and the old model's by its
 running ones; at a batch of 8 that difference alone made POD 5-9 times the segmentation loss
 before a single weight had moved (the decoder's embeddings 386 apart, the logits' 1,505, with
-identical weights), and its gradient pulled the decoder towards the batch statistics rather
-than towards what the old model computes. (Keeping the trained model on running statistics
+identical weights), and its gradient worked on that difference rather than on keeping what
+the old model computes. (Keeping the trained model on running statistics
 instead removes BatchNorm's normalisation from training: at the default later-step LR the
 loss diverged within 10 batches.)
 """
