@@ -33,6 +33,7 @@ loss diverged within 10 batches.)
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 
 import numpy as np
@@ -44,6 +45,7 @@ from everseg.learn.plugins import Batch, StepOutput
 from everseg.learn.strategies.base import Strategy
 
 
+@functools.lru_cache(maxsize=64)  # a few map sizes per run, asked for at every training step
 def segment_means(length: int, scales: tuple[int, ...]) -> torch.Tensor:
     """``length`` x K matrix whose columns average the segments of ``[0, length)`` that each
     scale's grid cuts (s segments of ``length // s``, the last taking the remainder; empty
@@ -74,8 +76,8 @@ def pod_embedding(feature: torch.Tensor, scales: tuple[int, ...] = (1, 2, 4)) ->
     """
     x = feature.float().pow(2)
     h, w = x.shape[-2:]
-    along_width = x @ segment_means(w, scales).to(x.device)  # N x C x H x segments
-    along_height = x.transpose(-1, -2) @ segment_means(h, scales).to(x.device)  # N x C x W x segments
+    along_width = x @ segment_means(w, tuple(scales)).to(x.device)  # N x C x H x segments
+    along_height = x.transpose(-1, -2) @ segment_means(h, tuple(scales)).to(x.device)  # N x C x W x segments
     return torch.cat([along_width.flatten(1), along_height.flatten(1)], dim=1)
 
 
