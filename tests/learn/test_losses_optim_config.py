@@ -110,6 +110,16 @@ def test_config_yaml_overrides_and_errors(tmp_path):
         load_config(path)
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")
+    assert load_config(None, {"model.aspp_rates": [3, 6, 9]}).model.aspp_rates == [3, 6, 9]
+    from everseg.learn.run import aspp_rates
+
+    auto = load_config(None, {"model.aspp_rates": "auto", "data.crop_size": [288, 384]})
+    assert aspp_rates(auto) == (3, 7, 10)
+    with pytest.raises(ConfigError, match="aspp_rates"):
+        load_config(None, {"model.aspp_rates": "wide"})
+    path.write_text("model:\n  arch: lraspp\n  aspp_rates: [3, 6, 9]\n")
+    with pytest.raises(ConfigError, match="aspp_rates applies to deeplabv3"):
+        load_config(path)
 
 
 def test_time_budget_moves_the_decay_along():

@@ -102,6 +102,51 @@ def test_decoder_channels_and_dropout_are_recorded() -> None:
     assert tiny(arch="lraspp").config.decoder_channels == 128
 
 
+def test_aspp_rates_set_the_dilations_and_survive_saving(tmp_path) -> None:
+    from everseg.models import load_model, save_model
+
+    model = tiny(arch="deeplabv3plus", decoder_channels=32, aspp_rates=[3, 6, 9])
+    dilations = [branch[0].dilation for branch in model.decoder.aspp.branches[1:-1]]
+    assert dilations == [(3, 3), (6, 6), (9, 9)] and model.config.aspp_rates == (3, 6, 9)
+    save_model(model, tmp_path / "m")
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["config"]["aspp_rates"] == [3, 6, 9]
+    again = load_model(tmp_path / "m")
+    assert again.decoder.aspp.rates == (3, 6, 9) and again.config == model.config
+    x = torch.rand(1, 3, 64, 64)
+    torch.testing.assert_close(again(x), model.eval()(x))
+    # Two rates make two dilated branches; the projection reads what they give.
+    assert len(tiny(arch="deeplabv3", decoder_channels=32, aspp_rates=[2, 4]).decoder.aspp.branches) == 4
+
+
+def test_default_aspp_rates_are_the_papers_and_stay_out_of_the_saved_config(tmp_path) -> None:
+    from everseg.models import save_model
+
+    assert tiny(arch="deeplabv3plus", decoder_channels=32).decoder.aspp.rates == (6, 12, 18)
+    assert tiny(arch="deeplabv3", decoder_channels=32, output_stride=8).decoder.aspp.rates == (12, 24, 36)
+    save_model(tiny(arch="deeplabv3plus", decoder_channels=32), tmp_path / "m")
+    assert "aspp_rates" not in json.loads((tmp_path / "m" / "config.json").read_text())["config"]
+
+
+def test_aspp_rates_scaled_to_the_crop_keep_the_papers_geometry() -> None:
+    from everseg.models.decoders import aspp_rates_for_crop
+
+    assert aspp_rates_for_crop((513, 513), 16) == (6, 12, 18)
+    assert aspp_rates_for_crop((288, 384), 16) == (3, 7, 10)  # the CamVid crop: an 18x24 map
+    assert aspp_rates_for_crop((384, 288), 8) == aspp_rates_for_crop((288, 1024), 8) == (7, 13, 20)
+    assert aspp_rates_for_crop(None, 16) == (6, 12, 18) and aspp_rates_for_crop((32, 32), 16) == (1, 1, 1)
+
+
+@pytest.mark.parametrize("rates", [[], [0, 6], [2.5], "3,6,9", [True]])
+def test_bad_aspp_rates(rates) -> None:
+    with pytest.raises(ValueError, match="aspp_rates"):
+        tiny(arch="deeplabv3plus", aspp_rates=rates)
+
+
+def test_aspp_rates_on_a_decoder_without_aspp() -> None:
+    with pytest.raises(ValueError, match="aspp_rates applies to deeplabv3"):
+        tiny(arch="lraspp", aspp_rates=[3, 6, 9])
+
+
 def test_normalisation_follows_the_backbone() -> None:
     assert tiny(backbone="efficientnet_lite0").config.mean == (0.5, 0.5, 0.5)
     resnet = tiny(backbone="resnet18", arch="fcn")

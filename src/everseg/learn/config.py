@@ -64,6 +64,10 @@ class ModelSection(_Section):
     output_stride: Literal[8, 16, 32] = 16  # backbone stride at the deepest feature map
     dropout: Fraction = 0.1  # dropout before the classifier
     decoder_channels: PositiveInt | None = None  # width of the decoder; None = the architecture's default
+    # DeepLab ASPP dilation rates at output_stride; None = the paper's (6, 12, 18 at 16), made
+    # for 513x513 crops: at 288x384 the widest one mostly reads padding in training. "auto"
+    # scales the paper's to data.crop_size (everseg.models.decoders.aspp_rates_for_crop).
+    aspp_rates: Literal["auto"] | list[PositiveInt] | None = None
     init_from: str | None = None  # start from another everseg model folder (dataset-to-dataset transfer)
 
 
@@ -149,6 +153,10 @@ class RunConfig(_Section):
 
         if v.arch not in ARCHITECTURES:
             raise ValueError(f"unknown arch {v.arch!r}; choose from {list(ARCHITECTURES)}")
+        if v.aspp_rates is not None and v.arch not in ("deeplabv3", "deeplabv3plus"):
+            raise ValueError(f"aspp_rates applies to deeplabv3 and deeplabv3plus, not {v.arch!r}")
+        if v.aspp_rates is not None and not v.aspp_rates:
+            raise ValueError("aspp_rates: give at least one rate, or null for the paper's")
         return v
 
     def to_yaml(self) -> str:

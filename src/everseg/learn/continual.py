@@ -22,7 +22,7 @@ from everseg.devices import choose_precision, resolve_device
 from everseg.evaluate.continual import ContinualReport, StepRecord
 from everseg.learn.config import RunConfig, load_config
 from everseg.learn.rundir import claim_run_folder, clear_run_folder
-from everseg.learn.run import finetune_plugins, training_augmentation
+from everseg.learn.run import aspp_rates, finetune_plugins, training_augmentation
 from everseg.learn.strategies import Strategy, build_strategies, with_memory_size
 from everseg.learn.strategies.base import ContinualContext, RunStart
 from everseg.learn.trainer import Trainer
@@ -53,7 +53,7 @@ def _new_model(cfg: RunConfig, step: Step) -> nn.Module:
     mc = cfg.model
     return create_model(arch=mc.arch, backbone=mc.backbone, label_space=step.label_space,
                         pretrained=mc.pretrained, output_stride=mc.output_stride, dropout=mc.dropout,
-                        decoder_channels=mc.decoder_channels)
+                        decoder_channels=mc.decoder_channels, aspp_rates=aspp_rates(cfg))
 
 
 def evaluate_step(model: nn.Module, step: Step, bf16: bool) -> tuple[dict[str, float | None], dict[str, float | None]]:

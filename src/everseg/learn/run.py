@@ -118,7 +118,16 @@ def build_model(cfg: RunConfig, train_set: SegmentationDataset) -> nn.Module:
         return model
     return create_model(arch=mc.arch, backbone=mc.backbone, label_space=train_set.label_space,
                         pretrained=mc.pretrained, output_stride=mc.output_stride, dropout=mc.dropout,
-                        decoder_channels=mc.decoder_channels)
+                        decoder_channels=mc.decoder_channels, aspp_rates=aspp_rates(cfg))
+
+
+def aspp_rates(cfg: RunConfig) -> tuple[int, ...] | list[int] | None:
+    """``model.aspp_rates`` with "auto" resolved against the training crop (fit to the data first)."""
+    if cfg.model.aspp_rates == "auto":
+        from everseg.models.decoders import aspp_rates_for_crop
+
+        return aspp_rates_for_crop(cfg.data.crop_size, cfg.model.output_stride)
+    return cfg.model.aspp_rates
 
 
 def finetune_plugins(cfg: RunConfig) -> list[Plugin]:

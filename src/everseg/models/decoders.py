@@ -76,18 +76,41 @@ class _ImagePooling(nn.Module):
         return _resize(pooled, x)
 
 
+PAPER_ASPP_RATES = (6, 12, 18)  # DeepLabV3's, at output stride 16
+PAPER_CROP = 513  # the crop side those rates were chosen for
+
+
+def aspp_rates_for_crop(crop_size: Sequence[int] | None, output_stride: int) -> tuple[int, ...]:
+    """The paper's ASPP rates scaled to a training crop: same share of the feature map.
+
+    At 513x513 and stride 16 the widest rate (18) spans about half the 33x33 map; at
+    288x384 the map is 18x24 and 18 reaches past it, so its taps read padding in training and,
+    untrained, read real features on a larger test image. Scaled by the crop's short side:
+    288x384 gives (3, 7, 10). None (whole images) keeps the paper's.
+    """
+    paper = [r * 16 / output_stride for r in PAPER_ASPP_RATES]
+    if crop_size is None:
+        return tuple(max(1, round(r)) for r in paper)
+    share = min(crop_size) / PAPER_CROP
+    return tuple(max(1, round(r * share)) for r in paper)
+
+
 class ASPP(nn.Module):
     """Atrous spatial pyramid pooling (DeepLabV3): parallel dilated convolutions + image pooling.
 
-    The dilation rates follow the paper: (6, 12, 18) at output stride 16, doubled at
-    output stride 8, halved at 32.
+    ``rates`` default to the paper's: (6, 12, 18) at output stride 16, doubled at output
+    stride 8, halved at 32. The paper chose them for 513x513 crops (33x33 maps at stride 16);
+    on smaller maps the outer taps of the widest rates fall mostly on padding, so that branch
+    degenerates towards a 1x1 conv in training while it sees real features on a larger test
+    image. Smaller training crops call for proportionally smaller rates.
     """
 
     def __init__(self, in_channels: int, out_channels: int, output_stride: int, *,
-                 separable: bool = False) -> None:
+                 separable: bool = False, rates: Sequence[int] | None = None) -> None:
         super().__init__()
-        rates = [max(1, r * 16 // output_stride) for r in (6, 12, 18)]
-        self.rates = tuple(rates)
+        if rates is None:
+            rates = [max(1, r * 16 // output_stride) for r in PAPER_ASPP_RATES]
+        self.rates = tuple(int(r) for r in rates)
         self.branches = nn.ModuleList(
             [conv_bn_relu(in_channels, out_channels, 1)]
             + [conv_bn_relu(in_channels, out_channels, 3, dilation=r, separable=separable)
@@ -107,9 +130,9 @@ class DeepLabV3Decoder(nn.Module):
     """
 
     def __init__(self, channels: Sequence[int], reductions: Sequence[int],
-                 decoder_channels: int = 256) -> None:
+                 decoder_channels: int = 256, aspp_rates: Sequence[int] | None = None) -> None:
         super().__init__()
-        self.aspp = ASPP(channels[-1], decoder_channels, reductions[-1])
+        self.aspp = ASPP(channels[-1], decoder_channels, reductions[-1], rates=aspp_rates)
         self.head = conv_bn_relu(decoder_channels, decoder_channels, 3)
         self.out_channels = decoder_channels
         _init_weights(self)
@@ -129,10 +152,10 @@ class DeepLabV3PlusDecoder(nn.Module):
     skip_channels = 48
 
     def __init__(self, channels: Sequence[int], reductions: Sequence[int],
-                 decoder_channels: int = 256) -> None:
+                 decoder_channels: int = 256, aspp_rates: Sequence[int] | None = None) -> None:
         super().__init__()
         self.skip_index = _feature_index(reductions, 4)
-        self.aspp = ASPP(channels[-1], decoder_channels, reductions[-1], separable=True)
+        self.aspp = ASPP(channels[-1], decoder_channels, reductions[-1], separable=True, rates=aspp_rates)
         self.skip = conv_bn_relu(channels[self.skip_index], self.skip_channels, 1)
         self.fuse = nn.Sequential(
             conv_bn_relu(decoder_channels + self.skip_channels, decoder_channels, 3, separable=True),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 from everseg.data.labelspace import LabelSpace
 from everseg.models.backbones import OUTPUT_STRIDES, build_backbone, check_backbone_name
@@ -20,6 +21,7 @@ def create_model(
     output_stride: int = 16,
     dropout: float = 0.1,
     decoder_channels: int | None = None,
+    aspp_rates: Sequence[int] | None = None,
 ) -> Segmenter:
     """Build a segmentation model.
 
@@ -39,6 +41,9 @@ def create_model(
         dropout: dropout probability before the classifier.
         decoder_channels: decoder width; None takes the architecture's default
             (256, LR-ASPP 128). For U-Net, the width of the deepest block (halved per block).
+        aspp_rates: dilation rates of the ASPP's 3x3 branches (DeepLabV3 and V3+ only), at
+            ``output_stride``; None takes the paper's (6, 12, 18 at stride 16), made for
+            513x513 crops. Smaller crops suit smaller rates (benchmarks/README.md, CamVid).
     """
     if arch not in DECODERS:
         raise ValueError(f"unknown arch {arch!r}; choose one of {list(ARCHITECTURES)}")
@@ -52,6 +57,13 @@ def create_model(
         decoder_channels = DEFAULT_DECODER_CHANNELS[arch]
     elif isinstance(decoder_channels, bool) or not isinstance(decoder_channels, int) or decoder_channels < 1:
         raise ValueError(f"decoder_channels must be a positive int, got {decoder_channels!r}")
+    if aspp_rates is not None:
+        if arch not in ("deeplabv3", "deeplabv3plus"):
+            raise ValueError(f"aspp_rates applies to deeplabv3 and deeplabv3plus, not {arch!r}")
+        if isinstance(aspp_rates, (str, bytes)) or not isinstance(aspp_rates, Sequence) or not aspp_rates \
+                or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in aspp_rates):
+            raise ValueError(f"aspp_rates must be a non-empty list of positive ints, got {aspp_rates!r}")
+        aspp_rates = tuple(aspp_rates)
     if not isinstance(pretrained, (bool, str, os.PathLike)):
         raise TypeError(f"pretrained must be True, False, 'imagenet' or a file path, got {pretrained!r}")
     if isinstance(pretrained, str) and pretrained.strip().lower() == "imagenet":
@@ -59,7 +71,8 @@ def create_model(
 
     effective_stride = 32 if arch == "unet" else output_stride
     body = build_backbone(backbone, output_stride=effective_stride, pretrained=pretrained)
-    decoder = DECODERS[arch](body.channels, body.reductions, decoder_channels)
+    extra = {} if aspp_rates is None else {"aspp_rates": aspp_rates}
+    decoder = DECODERS[arch](body.channels, body.reductions, decoder_channels, **extra)
     config = ModelConfig(
         arch=arch,
         backbone=backbone,
@@ -67,6 +80,7 @@ def create_model(
         output_stride=effective_stride,
         dropout=float(dropout),
         decoder_channels=decoder_channels,
+        aspp_rates=aspp_rates,
         mean=body.mean,
         std=body.std,
     )

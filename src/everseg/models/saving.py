@@ -148,6 +148,7 @@ def load_model(directory: str | os.PathLike[str], map_location: str | torch.devi
             output_stride=config.output_stride,
             dropout=config.dropout,
             decoder_channels=config.decoder_channels,
+            aspp_rates=config.aspp_rates,
         )
     except (ValueError, TypeError) as exc:
         raise ValueError(f"cannot rebuild the model described in {config_path}: {exc}") from exc

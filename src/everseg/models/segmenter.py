@@ -30,11 +30,16 @@ class ModelConfig:
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # subtracted from [0, 1] RGB input
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)  # then divided by this
     pruned: float = 0.0  # share of channels structured pruning removed (0: the architecture's widths; else the saved weights set them)
+    aspp_rates: tuple[int, ...] | None = None  # DeepLab ASPP dilation rates at output_stride; None = the paper's
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["mean"] = list(self.mean)
         d["std"] = list(self.std)
+        if self.aspp_rates is None:
+            del d["aspp_rates"]  # models with the paper's rates keep the file older versions read
+        else:
+            d["aspp_rates"] = list(self.aspp_rates)
         return d
 
     @classmethod
@@ -57,6 +62,8 @@ class ModelConfig:
         for key in ("dropout", "pruned"):
             if key in values:
                 values[key] = float(values[key])
+        if values.get("aspp_rates") is not None:
+            values["aspp_rates"] = tuple(int(r) for r in values["aspp_rates"])
         return cls(**values)
 
 
