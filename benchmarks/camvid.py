@@ -22,6 +22,7 @@ from everseg.evaluate import evaluate
 from everseg.learn import load_config, train
 from everseg.devices import cpu_has_native_bf16
 from everseg.models import load_model
+from everseg.models.decoders import aspp_rates_for_crop
 
 VARIANTS = {
     "pretrained": {},
@@ -34,6 +35,12 @@ TTA = {"flip": {"flip": True}, "flip+ms": {"flip": True, "scales": (0.75, 1.0, 1
 CLASS_WEIGHT_NAMES = {"median_frequency": "median-freq.", "inverse_sqrt": "inverse-sqrt"}
 CLASSES = ("Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence", "Car",
            "Pedestrian", "Bicyclist")
+
+
+def short_cpu(name: str) -> str:
+    """``"Intel(R) Xeon(R) Processor"`` -> ``"Intel Xeon"``; the rows come from two machines."""
+    words = name.replace("(R)", "").replace("(TM)", "").split()
+    return " ".join(w for w in words[:2] if w.lower() != "processor") or name
 
 
 def result_name(variant: str, tag: str | None) -> str:
@@ -104,8 +111,8 @@ def table() -> str:
     # (headline) run leads, then each tag.
     rows.sort(key=lambda r: (-(r["config"]["train"].get("max_minutes") or 0), r.get("tag") or "",
                              order.get(r["variant"], 99)))
-    head = "| model | loss | mIoU | TTA flip / +scales | pixel acc. | train min (budget) | epochs | threads | commit | " + " | ".join(CLASSES) + " |\n"
-    head += "|---|---|---:|---:|---:|---:|---:|---:|---|" + "---:|" * len(CLASSES) + "\n"
+    head = "| model | loss | mIoU | TTA flip / +scales | pixel acc. | train min (budget) | epochs | threads | machine | commit | " + " | ".join(CLASSES) + " |\n"
+    head += "|---|---|---:|---:|---:|---:|---:|---:|---|---|" + "---:|" * len(CLASSES) + "\n"
     lines = []
     for r in rows:
         c = r["config"]
@@ -123,10 +130,15 @@ def table() -> str:
         commit = r["machine"]["commit"]
         if r.get("scored") and r["scored"]["commit"] != commit:
             commit += f" (scored {r['scored']['commit']})"
+        rates = c["model"].get("aspp_rates")
+        if rates == "auto":
+            rates = f"auto = {aspp_rates_for_crop(c['data']['crop_size'], c['model']['output_stride'])}"
+        if rates is not None:
+            name += f", ASPP rates {rates}"
         lines.append(f"| **{name}** | {loss} | **{r['miou']:.1f}** | {tta_s} | {r['pixel_accuracy']:.1f} | {r['train_minutes']:.0f} "
-                     f"({t.get('max_minutes') or '-'}) | {r['epochs']} | {threads} | {commit} | {per} |")
+                     f"({t.get('max_minutes') or '-'}) | {r['epochs']} | {threads} | {short_cpu(r['machine']['cpu'])} | {commit} | {per} |")
     for name, miou in PUBLISHED:
-        lines.append(f"| {name} (published) | | {miou} | | | | | | |" + " |" * len(CLASSES))
+        lines.append(f"| {name} (published) | | {miou} | | | | | | | |" + " |" * len(CLASSES))
     machine = rows[0]["machine"] if rows else machine_info()
     data_note = ""
     if rows:
@@ -136,7 +148,7 @@ def table() -> str:
     return (f"## CamVid-11 (`python benchmarks/camvid.py [--variant pretrained|random|frozen]`)\n\n"
             f"{data_note}evaluated on the 233 test images at 360x480, whole-image inference; `mIoU` without "
             f"test-time augmentation, `TTA` with the horizontal flip and with flip and scales 0.75, 1, 1.25 "
-            f"(softmax averaged). `commit` made the model; `scored` names a later commit whose inference code scored it again (`--rescore`). {machine['date']}, {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}."
+            f"(softmax averaged). `commit` made the model; `scored` names a later commit whose inference code scored it again (`--rescore`). Each row on 2 cores of the `machine` named, torch {machine['torch']}; the same recipe trains about 13 % slower on the Intel Xeon than on the AMD EPYC (`benchmarks/speed.py`: 5.66 against 6.54 img/s), so it gets fewer epochs in a time budget."
             f"\n\n" + head + "\n".join(lines) + "\n")
 
 
