@@ -150,11 +150,12 @@ class RunConfig(_Section):
     @classmethod
     def _known_arch(cls, v: ModelSection) -> ModelSection:
         from everseg.models import ARCHITECTURES
+        from everseg.models.decoders import ASPP_ARCHITECTURES
 
         if v.arch not in ARCHITECTURES:
             raise ValueError(f"unknown arch {v.arch!r}; choose from {list(ARCHITECTURES)}")
-        if v.aspp_rates is not None and v.arch not in ("deeplabv3", "deeplabv3plus"):
-            raise ValueError(f"aspp_rates applies to deeplabv3 and deeplabv3plus, not {v.arch!r}")
+        if v.aspp_rates is not None and v.arch not in ASPP_ARCHITECTURES:
+            raise ValueError(f"aspp_rates applies to {' and '.join(ASPP_ARCHITECTURES)}, not {v.arch!r}")
         if v.aspp_rates is not None and not v.aspp_rates:
             raise ValueError("aspp_rates: give at least one rate, or null for the paper's")
         return v

@@ -77,6 +77,7 @@ class _ImagePooling(nn.Module):
 
 
 PAPER_ASPP_RATES = (6, 12, 18)  # DeepLabV3's, at output stride 16
+ASPP_ARCHITECTURES = ("deeplabv3", "deeplabv3plus")  # the decoders whose rates model.aspp_rates sets
 PAPER_CROP = 513  # the crop side those rates were chosen for
 
 
@@ -108,13 +109,11 @@ class ASPP(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, output_stride: int, *,
                  separable: bool = False, rates: Sequence[int] | None = None) -> None:
         super().__init__()
-        if rates is None:
-            rates = [max(1, r * 16 // output_stride) for r in PAPER_ASPP_RATES]
-        self.rates = tuple(int(r) for r in rates)
+        self.rates = tuple(int(r) for r in rates) if rates is not None else aspp_rates_for_crop(None, output_stride)
         self.branches = nn.ModuleList(
             [conv_bn_relu(in_channels, out_channels, 1)]
             + [conv_bn_relu(in_channels, out_channels, 3, dilation=r, separable=separable)
-               for r in rates]
+               for r in self.rates]
             + [_ImagePooling(in_channels, out_channels)]
         )
         self.project = conv_bn_relu(out_channels * len(self.branches), out_channels, 1)

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from everseg.data.labelspace import LabelSpace
 from everseg.models.backbones import OUTPUT_STRIDES, build_backbone, check_backbone_name
-from everseg.models.decoders import ARCHITECTURES, DECODERS, DEFAULT_DECODER_CHANNELS
+from everseg.models.decoders import ARCHITECTURES, ASPP_ARCHITECTURES, DECODERS, DEFAULT_DECODER_CHANNELS
 from everseg.models.segmenter import ModelConfig, Segmenter
 
 
@@ -58,8 +58,8 @@ def create_model(
     elif isinstance(decoder_channels, bool) or not isinstance(decoder_channels, int) or decoder_channels < 1:
         raise ValueError(f"decoder_channels must be a positive int, got {decoder_channels!r}")
     if aspp_rates is not None:
-        if arch not in ("deeplabv3", "deeplabv3plus"):
-            raise ValueError(f"aspp_rates applies to deeplabv3 and deeplabv3plus, not {arch!r}")
+        if arch not in ASPP_ARCHITECTURES:
+            raise ValueError(f"aspp_rates applies to {' and '.join(ASPP_ARCHITECTURES)}, not {arch!r}")
         if isinstance(aspp_rates, (str, bytes)) or not isinstance(aspp_rates, Sequence) or not aspp_rates \
                 or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in aspp_rates):
             raise ValueError(f"aspp_rates must be a non-empty list of positive ints, got {aspp_rates!r}")
