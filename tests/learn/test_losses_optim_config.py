@@ -117,6 +117,8 @@ def test_config_yaml_overrides_and_errors(tmp_path):
     assert aspp_rates(auto) == (3, 7, 10)
     with pytest.raises(ConfigError, match="aspp_rates"):
         load_config(None, {"model.aspp_rates": "wide"})
+    with pytest.raises(ConfigError, match=r"list of positive ints such as \[3, 6, 9\], got \[0, 3\]$"):
+        load_config(None, {"model.aspp_rates": [0, 3]})
     path.write_text("model:\n  arch: lraspp\n  aspp_rates: [3, 6, 9]\n")
     with pytest.raises(ConfigError, match="aspp_rates applies to deeplabv3"):
         load_config(path)

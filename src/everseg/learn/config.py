@@ -70,6 +70,18 @@ class ModelSection(_Section):
     aspp_rates: Literal["auto"] | list[PositiveInt] | None = None
     init_from: str | None = None  # start from another everseg model folder (dataset-to-dataset transfer)
 
+    @field_validator("aspp_rates", mode="before")
+    @classmethod
+    def _rates_or_auto(cls, v: Any) -> Any:
+        # Checked here so a bad value gets one message saying what is allowed, not one per
+        # branch of the union ("should be 'auto'" for a list of rates with a zero in it).
+        ok = v is None or v == "auto" or (
+            isinstance(v, list) and v and all(isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in v))
+        if not ok:
+            got = f", got {v!r}" if isinstance(v, (dict, list)) else ""  # the error's reader shows scalars itself
+            raise ValueError(f"expected auto, null or a list of positive ints such as [3, 6, 9]{got}")
+        return v
+
 
 class OptimConfig(_Section):
     optimizer: Literal["sgd", "adamw"] = "sgd"
@@ -156,8 +168,6 @@ class RunConfig(_Section):
             raise ValueError(f"unknown arch {v.arch!r}; choose from {list(ARCHITECTURES)}")
         if v.aspp_rates is not None and v.arch not in ASPP_ARCHITECTURES:
             raise ValueError(f"aspp_rates applies to {' and '.join(ASPP_ARCHITECTURES)}, not {v.arch!r}")
-        if v.aspp_rates is not None and not v.aspp_rates:
-            raise ValueError("aspp_rates: give at least one rate, or null for the paper's")
         return v
 
     def to_yaml(self) -> str:

@@ -63,7 +63,10 @@ class ModelConfig:
             if key in values:
                 values[key] = float(values[key])
         if values.get("aspp_rates") is not None:
-            values["aspp_rates"] = tuple(int(r) for r in values["aspp_rates"])
+            rates = values["aspp_rates"]
+            if not isinstance(rates, list) or not all(isinstance(r, int) and not isinstance(r, bool) for r in rates):
+                raise ValueError(f"aspp_rates must be a list of ints, got {rates!r}")
+            values["aspp_rates"] = tuple(rates)
         return cls(**values)
 
 
