@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from everseg.learn import ConfigError, DiceLoss, SegmentationLoss, compute_class_weights, load_config
+from everseg.learn import (ConfigError, DiceLoss, LovaszSoftmaxLoss, SegmentationLoss, compute_class_weights,
+                           load_config)
 from everseg.learn.config import OptimConfig
 from everseg.learn.optim import lr_multiplier
 
@@ -62,6 +63,82 @@ def test_dice_gradient_matches_the_one_hot_formulation():
     assert fast.grad[0, :, :2].abs().max() == 0
 
 
+def _confident(pred: list[int], classes: int) -> torch.Tensor:
+    logits = torch.full((1, classes, 1, len(pred)), -50.0)
+    logits[0, torch.tensor(pred), 0, torch.arange(len(pred))] = 50.0
+    return logits
+
+
+def test_lovasz_of_a_hard_prediction_is_one_minus_the_batch_iou():
+    # At a vertex of the cube the Lovász extension is the set function itself: 1 - IoU,
+    # averaged over the classes in the truth (class 2 is predicted but absent: not counted).
+    logits = _confident([0, 0, 1, 1, 2], 3)
+    target = torch.tensor([[[0, 1, 1, 255, 1]]])
+    # class 0: truth {0}, predicted {0, 1}: IoU 1/2; class 1: truth {1, 2, 4}, predicted {2}: 1/3
+    assert LovaszSoftmaxLoss()(logits, target).item() == pytest.approx(1 - (1 / 2 + 1 / 3) / 2, abs=1e-6)
+    assert LovaszSoftmaxLoss()(_confident([0, 1, 1, 0, 1], 3), target).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def _lovasz_by_thresholds(probs: np.ndarray, labels: np.ndarray) -> float:
+    """The extension as an integral over thresholds t of the Jaccard loss of {error >= t}."""
+    losses = []
+    for c in np.unique(labels):
+        truth = labels == c
+        errors = np.abs(truth - probs[c])
+        order = np.argsort(-errors, kind="stable")
+        e = np.append(errors[order], 0.0)
+        value = 0.0
+        for k in range(1, len(order) + 1):
+            mistakes = np.zeros_like(truth)
+            mistakes[order[:k]] = True
+            value += (e[k - 1] - e[k]) * mistakes.sum() / (truth | mistakes).sum()
+        losses.append(value)
+    return float(np.mean(losses))
+
+
+def test_lovasz_matches_its_threshold_integral_and_ignores_ignored_pixels():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 3, 5, requires_grad=True)
+    target = torch.randint(0, 4, (2, 3, 5))
+    target[1, 0] = 255
+    loss = LovaszSoftmaxLoss()(logits, target)
+    valid = (target != 255).numpy()
+    probs = logits.detach().softmax(1).permute(1, 0, 2, 3).numpy()[:, valid]
+    assert loss.item() == pytest.approx(_lovasz_by_thresholds(probs, target.numpy()[valid]), abs=1e-5)
+    loss.backward()
+    assert logits.grad[1, :, 0].abs().max() == 0 and logits.grad.abs().sum() > 0
+    empty = torch.randn(1, 3, 2, 2, requires_grad=True)
+    none_valid = LovaszSoftmaxLoss()(empty, torch.full((1, 2, 2), 255))
+    none_valid.backward()
+    assert none_valid.item() == 0 and empty.grad is not None
+
+
+def test_lovasz_on_a_pixel_grid_estimates_the_whole_batch():
+    # Truth and logits constant on 2x2 blocks: every grid of every 2nd pixel sees the same
+    # IoUs as the whole image, so the strided estimate is exact here.
+    torch.manual_seed(1)
+    target = torch.randint(0, 3, (2, 4, 4)).repeat_interleave(2, 1).repeat_interleave(2, 2)
+    logits = torch.randn(2, 3, 4, 4).repeat_interleave(2, 2).repeat_interleave(2, 3)
+    whole = LovaszSoftmaxLoss()(logits, target)
+    for _ in range(4):
+        assert LovaszSoftmaxLoss(max_pixels=32)(logits, target).item() == pytest.approx(whole.item(), abs=1e-6)
+
+
+def test_lovasz_merges_old_classes_into_the_background_as_the_other_terms_do():
+    target = torch.tensor([[[0, 0, 2, 2]]])
+    logits = _confident([1, 0, 2, 2], 3)  # pixel 0: old class 1 where the step's truth says background
+    assert LovaszSoftmaxLoss()(logits, target).item() == pytest.approx(1 - (1 / 2 + 1) / 2, abs=1e-6)
+    assert LovaszSoftmaxLoss()(logits, target, background_covers=2).item() == pytest.approx(0.0, abs=1e-6)
+    total = SegmentationLoss("ce+dice+lovasz", dice_weight=0.5, lovasz_weight=2.0)
+    torch.manual_seed(0)
+    logits = torch.randn(1, 3, 1, 4)
+    assert total(logits, target).item() == pytest.approx(
+        F.cross_entropy(logits, target).item() + 0.5 * DiceLoss()(logits, target).item()
+        + 2.0 * LovaszSoftmaxLoss()(logits, target).item(), abs=1e-5)
+    assert SegmentationLoss("lovasz")(logits, target).item() == pytest.approx(
+        LovaszSoftmaxLoss()(logits, target).item(), abs=1e-6)
+
+
 def test_median_frequency_weights_by_hand():
     # 2 images x 3 classes; class 2 only in image 1.
     counts = np.array([[30, 10, 0], [20, 0, 20]])
@@ -111,6 +188,10 @@ def test_config_yaml_overrides_and_errors(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")
     assert load_config(None, {"model.aspp_rates": [3, 6, 9]}).model.aspp_rates == [3, 6, 9]
+    lovasz = load_config(None, {"loss.kind": "ce+lovasz", "loss.lovasz_weight": 0.5}).loss
+    assert (lovasz.kind, lovasz.lovasz_weight) == ("ce+lovasz", 0.5)
+    with pytest.raises(ConfigError, match="loss.kind"):
+        load_config(None, {"loss.kind": "lovasz+ce"})
     from everseg.learn.run import aspp_rates
 
     auto = load_config(None, {"model.aspp_rates": "auto", "data.crop_size": [288, 384]})

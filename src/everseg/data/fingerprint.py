@@ -173,5 +173,6 @@ def plan_defaults(fp: Fingerprint, fields: set[str], *, loss_kind: str = "ce",
         plan.values["loss.class_weights"] = weights
         plan.reasons["loss.class_weights"] = (f"plain CE and {ratio}" if weights != "none"
                                               else "the Dice term handles imbalance" if "dice" in loss_kind
+                                              else "the Lovász term handles imbalance" if "lovasz" in loss_kind
                                               else "balanced classes")
     return plan

@@ -4,7 +4,7 @@ from everseg.devices import cpu_has_native_bf16
 from everseg.learn.config import (ConfigError, DataConfig, EvalConfig, LossConfig, ModelSection,
                                   OptimConfig, RunConfig, TrainConfig, load_config, parse_override)
 from everseg.learn.finetune import FrozenBackbone, GradualUnfreeze
-from everseg.learn.losses import DiceLoss, SegmentationLoss, compute_class_weights
+from everseg.learn.losses import DiceLoss, LovaszSoftmaxLoss, SegmentationLoss, compute_class_weights
 from everseg.learn.plugins import Batch, Plugin, StepOutput
 from everseg.learn.run import build_datasets, build_model, train
 from everseg.learn.trainer import FitResult, Trainer
@@ -14,7 +14,7 @@ from everseg.learn.continual import run_scenario
 from everseg.learn.online import Observation, OnlineLearner
 
 __all__ = [
-    "Batch", "ConfigError", "DataConfig", "DiceLoss", "EvalConfig", "FitResult", "FrozenBackbone",
+    "Batch", "ConfigError", "DataConfig", "DiceLoss", "LovaszSoftmaxLoss", "EvalConfig", "FitResult", "FrozenBackbone",
     "GradualUnfreeze", "LossConfig", "ModelSection", "OptimConfig", "Plugin", "RunConfig",
     "SegmentationLoss", "StepOutput", "TrainConfig", "Trainer", "build_datasets", "build_model",
     "compute_class_weights", "cpu_has_native_bf16", "load_config", "parse_override", "train",

@@ -101,10 +101,12 @@ class OptimConfig(_Section):
 
 
 class LossConfig(_Section):
-    kind: Literal["ce", "dice", "ce+dice"] = "ce"  # cross-entropy, soft Dice, or their sum
+    # cross-entropy, soft Dice, Lovász-softmax (a convex surrogate of 1 - IoU), or a sum of them
+    kind: Literal["ce", "dice", "ce+dice", "lovasz", "ce+lovasz", "ce+dice+lovasz"] = "ce"
     class_weights: Literal["none", "median_frequency", "inverse_sqrt"] | list[NonNegative] = "none"  # CE class weights
     max_class_weight: Positive = 10.0  # clip computed class weights to avoid exploding rare-class losses
-    dice_weight: NonNegative = 1.0  # weight of the Dice term in ce+dice
+    dice_weight: NonNegative = 1.0  # weight of the Dice term in a sum
+    lovasz_weight: NonNegative = 1.0  # weight of the Lovász term in a sum
     label_smoothing: Fraction = 0.0  # CE label smoothing
 
 

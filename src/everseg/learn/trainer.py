@@ -172,7 +172,8 @@ class Trainer:
             weights = compute_class_weights(self.train_set.class_pixel_counts(per_image=True),
                                             lc.class_weights, lc.max_class_weight)
         return SegmentationLoss(lc.kind, class_weights=weights, ignore_index=ls.ignore_index,
-                                dice_weight=lc.dice_weight, label_smoothing=lc.label_smoothing)
+                                dice_weight=lc.dice_weight, lovasz_weight=lc.lovasz_weight,
+                                label_smoothing=lc.label_smoothing)
 
     def loss_terms(self, batch: Batch, output: StepOutput) -> dict[str, torch.Tensor]:
         """The step's loss terms: the recipe's segmentation loss as the plugins shape it (``"seg"``),
