@@ -14,8 +14,8 @@ from everseg.learn.continual import run_scenario
 from everseg.learn.online import Observation, OnlineLearner
 
 __all__ = [
-    "Batch", "ConfigError", "DataConfig", "DiceLoss", "LovaszSoftmaxLoss", "EvalConfig", "FitResult", "FrozenBackbone",
-    "GradualUnfreeze", "LossConfig", "ModelSection", "OptimConfig", "Plugin", "RunConfig",
+    "Batch", "ConfigError", "DataConfig", "DiceLoss", "EvalConfig", "FitResult", "FrozenBackbone",
+    "GradualUnfreeze", "LossConfig", "LovaszSoftmaxLoss", "ModelSection", "OptimConfig", "Plugin", "RunConfig",
     "SegmentationLoss", "StepOutput", "TrainConfig", "Trainer", "build_datasets", "build_model",
     "compute_class_weights", "cpu_has_native_bf16", "load_config", "parse_override", "train",
     "ReplayMemory", "STRATEGIES", "Strategy", "build_strategies", "run_scenario", "Observation", "OnlineLearner",
