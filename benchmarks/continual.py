@@ -18,7 +18,8 @@ the same classes (camvid-10-1-disjoint's is camvid-10-1-overlap's likewise).
 
 Runs go to benchmarks/runs/continual/<protocol>/<strategy>/ and are reused when complete,
 so two processes can share the work (``--strategies`` disjoint, one thread each) and
-``--table`` merges them into results/continual-<protocol>.json and README.md. ``--tag T``
+``--table`` merges them into results/continual-<protocol>.json and README.md (a protocol with
+no run on this disk keeps its committed JSON and table). ``--tag T``
 keeps a run at another budget apart: runs/continual-T/, results/continual-<protocol>-T.json
 and a README section of its own.
 """
@@ -197,7 +198,11 @@ def collect(protocol: str, args) -> dict:
     out["tag"], out["command"] = args.tag, reproduce_command(protocol, list(out["strategies"]), args)
     if set(out["strategies"]) - {"joint"}:  # joint alone is only another protocol's reference
         write_json(name, out)
-    return out
+        return out
+    # No strategy of this protocol on this disk (runs are not committed, a fresh machine has
+    # none): its table stays the committed one rather than vanishing from the README.
+    saved = BENCH_DIR / "results" / f"{name}.json"
+    return json.loads(saved.read_text()) if saved.is_file() else out
 
 
 def reproduce_command(protocol: str, strategies: list[str], args) -> str:
