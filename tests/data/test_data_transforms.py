@@ -79,3 +79,42 @@ def test_resize_transform_keeps_labels_nearest():
     img_t, m_t = resize_transform((36, 48))(image, mask)
     assert img_t.shape == (3, 36, 48) and m_t.shape == (36, 48)
     assert set(np.unique(m_t.numpy()).tolist()) <= set(range(len(PALETTE)))
+
+
+def _rare_class_scene(h: int = 96, w: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class 0 everywhere but a 4x4 patch of class 3 in a corner, and an ignored band."""
+    mask = np.zeros((h, w), np.uint8)
+    mask[88:92, 4:8] = 3
+    mask[:, 120:] = IGNORE_INDEX
+    image = PALETTE[np.where(mask == IGNORE_INDEX, 1, mask)]
+    return torch.from_numpy(image).permute(2, 0, 1).contiguous(), torch.from_numpy(mask)
+
+
+def test_class_crops_find_a_small_class_that_random_crops_miss():
+    image, mask = _rare_class_scene()
+    random.seed(0)
+    seen = {}
+    for share in (0.0, 1.0):
+        tf = train_transform(AugmentConfig(crop_size=(32, 32), scale=(1.0, 1.0), hflip=False, class_crops=share))
+        hits = 0
+        for _ in range(200):
+            img_t, m_t = tf(image, mask)
+            assert img_t.shape == (3, 32, 32) and m_t.shape == (32, 32)
+            m = m_t.numpy()
+            labelled = m != IGNORE_INDEX
+            assert (_colour_class(img_t.permute(1, 2, 0).numpy())[labelled] == m[labelled]).all()
+            hits += bool((m == 3).any())
+        seen[share] = hits / 200
+    # The patch is in about 1 random crop in 30; drawn among the image's two classes, in half.
+    assert seen[0.0] < 0.1 and 0.4 < seen[1.0] < 0.6, seen
+
+
+def test_class_crops_pad_a_small_image_and_skip_an_unlabelled_one():
+    image, mask = _scene(24, 36)
+    tf = train_transform(AugmentConfig(crop_size=(48, 48), scale=(1.0, 1.0), hflip=False, class_crops=1.0))
+    img_t, m_t = tf(image, mask)
+    m = m_t.numpy()
+    assert (m == IGNORE_INDEX).sum() == 48 * 48 - 24 * 36 and (m[:24, :36] == mask.numpy()).all()
+    blank = torch.full((40, 40), IGNORE_INDEX, dtype=torch.uint8)
+    _, m_t = tf(torch.zeros(3, 40, 40, dtype=torch.uint8), blank)
+    assert m_t.shape == (48, 48) and (m_t == IGNORE_INDEX).all()

@@ -192,6 +192,10 @@ def test_config_yaml_overrides_and_errors(tmp_path):
     assert (lovasz.kind, lovasz.lovasz_weight) == ("ce+lovasz", 0.5)
     with pytest.raises(ConfigError, match="loss.kind"):
         load_config(None, {"loss.kind": "lovasz+ce"})
+    assert load_config(None, {"data.class_crops": 1}).data.class_crops == 1.0
+    for bad in (1.5, -0.1, "often"):
+        with pytest.raises(ConfigError, match="data.class_crops"):
+            load_config(None, {"data.class_crops": bad})
     from everseg.learn.run import aspp_rates
 
     auto = load_config(None, {"model.aspp_rates": "auto", "data.crop_size": [288, 384]})

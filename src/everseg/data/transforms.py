@@ -50,6 +50,51 @@ class RandomScale(v2.Transform):
         return inpt
 
 
+class ClassAwareCrop(v2.Transform):
+    """A random crop that, with probability ``p``, is placed around one class of the image.
+
+    The class is drawn uniformly from those in the mask, not in proportion to their pixels,
+    and the crop holds one of its pixels at a random position. A pole or a sign covers under
+    1 % of a street scene, so a plain random crop mostly shows road and sky; this is the
+    class-uniform sampling of Zhu et al. (CVPR 2019, Cityscapes), drawn per image rather than
+    over the dataset so it needs no index of which image holds which class. Otherwise, and
+    where the mask has no labelled pixel, the crop is uniform as ``v2.RandomCrop``'s. An image
+    smaller than the crop is padded at the bottom and right (ignore label in the mask).
+    """
+
+    def __init__(self, size: tuple[int, int], p: float):
+        super().__init__()
+        if not 0 <= p <= 1:
+            raise ValueError(f"class-aware crop share must be in [0, 1], got {p}")
+        self.size, self.p = (int(size[0]), int(size[1])), p
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        h, w = v2.query_size(flat_inputs)
+        ch, cw = self.size
+        pad_h, pad_w = max(0, ch - h), max(0, cw - w)
+        # Rows and columns the crop's corner may take: anywhere, or around the chosen pixel.
+        rows, cols = (0, h + pad_h - ch), (0, w + pad_w - cw)
+        masks = [x for x in flat_inputs if isinstance(x, tv_tensors.Mask)]
+        if masks and random.random() < self.p:
+            mask = masks[0].reshape(masks[0].shape[-2:])
+            classes = torch.unique(mask)
+            classes = classes[classes != IGNORE_INDEX]
+            if classes.numel():
+                ys, xs = torch.nonzero(mask == classes[random.randrange(classes.numel())], as_tuple=True)
+                i = random.randrange(ys.numel())
+                y, x = int(ys[i]), int(xs[i])
+                rows = (max(rows[0], y - ch + 1), min(rows[1], y))
+                cols = (max(cols[0], x - cw + 1), min(cols[1], x))
+        return {"padding": [0, 0, pad_w, pad_h], "top": random.randint(*rows), "left": random.randint(*cols)}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        if not isinstance(inpt, (tv_tensors.Image, tv_tensors.Mask)):
+            return inpt
+        if any(params["padding"]):
+            inpt = F.pad(inpt, params["padding"], fill=_FILL[type(inpt)])
+        return F.crop(inpt, params["top"], params["left"], *self.size)
+
+
 class _Pair:
     """Adapts a v2 pipeline to the dataset's ``(image, mask) -> (image, mask)`` call."""
 
@@ -74,6 +119,7 @@ class AugmentConfig:
     hflip: bool = True  # random horizontal flip
     rotation: float = 0.0  # max degrees of random rotation
     color_jitter: float = 0.0  # brightness/contrast/saturation strength (0.2 = +-20%)
+    class_crops: float = 0.0  # share of crops placed around a class drawn uniformly from the image's
 
 
 def train_transform(cfg: AugmentConfig = AugmentConfig()) -> _Pair:
@@ -84,7 +130,8 @@ def train_transform(cfg: AugmentConfig = AugmentConfig()) -> _Pair:
         steps.append(v2.RandomRotation(cfg.rotation, interpolation=v2.InterpolationMode.BILINEAR,
                                        fill=_FILL))
     if cfg.crop_size is not None:
-        steps.append(v2.RandomCrop(cfg.crop_size, pad_if_needed=True, fill=_FILL))
+        steps.append(ClassAwareCrop(cfg.crop_size, cfg.class_crops) if cfg.class_crops
+                     else v2.RandomCrop(cfg.crop_size, pad_if_needed=True, fill=_FILL))
     if cfg.hflip:
         steps.append(v2.RandomHorizontalFlip())
     if cfg.color_jitter:

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 Fraction = Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)]
+Probability = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
 PositiveInt = Annotated[int, Field(ge=1)]
 # The deepest feature map of every backbone is 1/32 of the input: a smaller crop has no features.
 MIN_CROP = 32
@@ -40,6 +41,7 @@ class DataConfig(_Section):
     hflip: bool = True  # random horizontal flips
     rotation: Annotated[float, Field(ge=0, le=180, allow_inf_nan=False)] = 0.0  # max random rotation in degrees
     color_jitter: NonNegative = 0.0  # brightness/contrast/saturation jitter strength
+    class_crops: Probability = 0.0  # share of training crops placed around a class drawn uniformly from the image's (favours small classes)
     cache: Literal["auto", "memory", "none"] = "auto"  # keep decoded images in RAM when they fit
     num_workers: Annotated[int, Field(ge=0)] = 0  # DataLoader worker processes (0 = augment in the training process)
     fit_to_data: bool = True  # crop, scale, batch, LR, warm-up and loss fields left unset follow the training images (everseg.data.fingerprint)

@@ -25,7 +25,8 @@ def training_augmentation(cfg: RunConfig):
     """The joint image+mask transform that ``cfg.data`` describes."""
     dc = cfg.data
     return train_transform(AugmentConfig(crop_size=dc.crop_size, scale=dc.scale, base_size=dc.base_size,
-                                         hflip=dc.hflip, rotation=dc.rotation, color_jitter=dc.color_jitter))
+                                         hflip=dc.hflip, rotation=dc.rotation, color_jitter=dc.color_jitter,
+                                         class_crops=dc.class_crops))
 
 
 def build_datasets(cfg: RunConfig) -> tuple[SegmentationDataset, SegmentationDataset | None]:
