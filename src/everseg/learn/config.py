@@ -98,7 +98,7 @@ class OptimConfig(_Section):
     schedule: Literal["poly", "cosine", "constant"] = "poly"  # decay after warm-up, per step
     poly_power: Positive = 0.9  # exponent of the poly schedule
     warmup_epochs: NonNegative = 0.0  # linear warm-up length, in epochs
-    min_lr_ratio: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] = 0.0  # floor of the decayed LR as a fraction of the peak
+    min_lr_ratio: Probability = 0.0  # floor of the decayed LR as a fraction of the peak
     grad_clip: Positive | None = None  # clip the gradient norm to this
 
 
