@@ -23,7 +23,10 @@ from common import BENCH_DIR, SHARED_DATA, machine_info, update_readme_section, 
 
 RUNS = BENCH_DIR / "runs" / "tune-camvid"
 CONFIG = BENCH_DIR.parent / "configs" / "camvid.yaml"
-BASELINE = 64.6  # configs/camvid.yaml, 60 minutes, single view (benchmarks/README.md)
+BASELINE = 65.5  # configs/camvid.yaml (ce+dice+lovasz since b1a9105), 60 minutes, single view (benchmarks/README.md)
+GOAL = 66.1  # issue 17: 1.5 over the 64.6 of the ce+dice recipe, the recipe when the goal was set
+# Studies saved before the recipe took the Lovász term carry no baseline; theirs was 64.6.
+OLD_BASELINE = 64.6
 
 
 def everseg(*args: str) -> None:
@@ -54,11 +57,11 @@ def table(result: dict) -> str:
         params = ", ".join(f"{k}={_value(v)}" for k, v in result["best"]["params"].items())
         lines.append(f"Best: trial {result['best']['trial']}, val mIoU {result['best']['val_miou']:.2f}: {params}.")
     if result.get("headline") is not None:
-        h = result["headline"]
+        h, base = result["headline"], result.get("baseline", OLD_BASELINE)
         lines += ["", f"Headline with the best configuration, 60 minutes on train+val, CamVid test, single view "
-                      f"(commit {result.get('headline_commit', m['commit'])}): **{h:.1f} mIoU** against {BASELINE} "
-                      f"for configs/camvid.yaml ({h - BASELINE:+.1f}); goal >= {BASELINE + 1.5:.1f}: "
-                      f"{'met' if h >= BASELINE + 1.5 else 'missed'}."]
+                      f"(commit {result.get('headline_commit', m['commit'])}): **{h:.1f} mIoU** against {base} "
+                      f"for configs/camvid.yaml ({h - base:+.1f}); goal >= {GOAL:.1f}: "
+                      f"{'met' if h >= GOAL else 'missed'}."]
     else:
         lines += ["", "Headline (60 minutes with the best configuration): not run yet."]
     return "\n".join(lines)
@@ -93,7 +96,7 @@ def main() -> None:
               "study_minutes": study_minutes, "trials_md": (study / "trials.md").read_text(),
               "best": None if best is None else {"trial": best.number, "val_miou": best.value,
                                                  "params": best.params},
-              "headline": None}
+              "headline": None, "baseline": BASELINE}
     # The study's part is kept before the hour of the headline starts.
     write_json("tune-camvid", result)
     update_readme_section("tune-camvid", table(result))
