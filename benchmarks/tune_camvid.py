@@ -23,7 +23,7 @@ from common import BENCH_DIR, SHARED_DATA, machine_info, update_readme_section, 
 
 RUNS = BENCH_DIR / "runs" / "tune-camvid"
 CONFIG = BENCH_DIR.parent / "configs" / "camvid.yaml"
-BASELINE = 65.5  # configs/camvid.yaml (ce+dice+lovasz since b1a9105), 60 minutes, single view (benchmarks/README.md)
+BASELINE = 66.05  # configs/camvid.yaml (ce+dice+lovasz, Lovász weight 2), 60 minutes, single view (benchmarks/README.md)
 GOAL = 66.1  # issue 17: 1.5 over the 64.6 of the ce+dice recipe, the recipe when the goal was set
 # Studies saved before the recipe took the Lovász term carry no baseline; theirs was 64.6.
 OLD_BASELINE = 64.6
