@@ -159,6 +159,11 @@ CASES = [
     ("unknown protocol", "scenario run --protocol nosuch --data {data} --out {root}/s1", ["nosuch"]),
     ("protocol and scenario", "scenario run --data {data} --out {root}/s2", ["--protocol", "--scenario"]),
     ("scenario file missing", "scenario run --scenario {root}/nope.yaml --data {data} --out {root}/s3", ["nope.yaml"]),
+    # The strategy is checked before the data is read: the dataset here does not exist.
+    ("scenario unknown strategy", "scenario run --protocol camvid-6-5 --data {root}/nodata --out {root}/s4 --strategy foo",
+     ["foo", "unknown"]),
+    ("scenario bad strategy param", "scenario run --protocol camvid-6-5 --data {root}/nodata --out {root}/s5 "
+     "--strategy mib --param lwf.weight=3", ["lwf.weight", "not one of this run's strategies"]),
     # export and ONNX files
     ("export a folder that is not a model", "export --model {root}/noimages --out {root}/e1.onnx", ["noimages", "not an everseg model"]),
     ("export over a file", "export --model {model} --out {root}/a_file", ["a_file", "--overwrite"]),

@@ -407,7 +407,7 @@ def run_named_scenario(data: str | Path, out: str | Path, *, protocol: str | Non
     from everseg.learn.continual import run_scenario
     from everseg.learn.run import fit_to_data
     from everseg.learn.rundir import claim_run_folder
-    from everseg.learn.strategies import default_strategy
+    from everseg.learn.strategies import build_strategies, default_strategy, with_memory_size
 
     if (protocol is None) == (scenario is None):
         raise ValueError("give exactly one of --protocol and --scenario")
@@ -415,6 +415,10 @@ def run_named_scenario(data: str | Path, out: str | Path, *, protocol: str | Non
     if not resume:  # run_scenario checks a resumed folder
         claim_run_folder(out, overwrite=overwrite, protect=[base_dir] if base_dir else ())
     spec = get_protocol(protocol) if protocol else ScenarioSpec.from_yaml(scenario)
+    # A misspelt strategy or hyper-parameter is refused before the dataset is read and fitted,
+    # which takes minutes on a large folder.
+    strategy = strategy or default_strategy(spec.kind == "class")
+    strategies = build_strategies(strategy, with_memory_size(strategy, params, memory_size))
     kind = dataset or spec.dataset
     pool = open_dataset(data, dataset=kind, split=spec.train_split)
     test = open_dataset(data, dataset=kind, split=spec.test_split)
@@ -422,10 +426,9 @@ def run_named_scenario(data: str | Path, out: str | Path, *, protocol: str | Non
                         base_trained=base_dir is not None)
     # The fields left unset follow the training pool, as in train, for every step.
     cfg = fit_to_data(config if config is not None else load_config(None, {"data.val_split": None}), pool)[0]
-    strategy = strategy or default_strategy(spec.kind == "class")
-    return run_scenario(sc, strategy, cfg, out, step_epochs=step_epochs, step_minutes=step_minutes,
-                        base_model=base_dir, params=params, memory_size=memory_size, progress=progress,
-                        overwrite=overwrite, resume=resume)
+    return run_scenario(sc, strategies, cfg, out, step_epochs=step_epochs, step_minutes=step_minutes,
+                        base_model=base_dir, progress=progress, overwrite=overwrite, resume=resume,
+                        name=strategy)
 
 
 # ---------------------------------------------------------------------------- the demo
