@@ -568,6 +568,29 @@ def test_incremental_steps_train_at_their_share_of_the_lr(tiny_scenario, tmp_pat
     assert peaks == {0: pytest.approx(0.02), 1: pytest.approx(0.02)}
 
 
+def test_incremental_steps_train_the_backbone_at_their_own_share_of_the_lr(tiny_scenario, tmp_path):
+    """optim.incremental_backbone_lr_factor sets a later step's backbone LR (relative to the step's
+    LR); step 0 keeps optim.backbone_lr_factor."""
+    from everseg.learn.strategies.base import Strategy
+
+    peaks: dict[int, dict[str, float]] = {}
+
+    class GroupLR(Strategy):
+        name = "group-lr"
+
+        def on_fit_start(self, trainer):
+            peaks[self.ctx.step_index] = {g["name"]: g.get("initial_lr", g["lr"])
+                                          for g in trainer.optimizer.param_groups}
+
+    cfg = tiny_cfg(**{"optim.lr": 0.02, "optim.incremental_lr_factor": 5, "optim.backbone_lr_factor": 0.5,
+                      "optim.incremental_backbone_lr_factor": 0.05, "train.incremental_finetune": "full"})
+    run_scenario(tiny_scenario, [GroupLR()], cfg, tmp_path / "run", progress=False, step_epochs=1)
+    assert peaks[0]["backbone"] == pytest.approx(0.01) and peaks[0]["head"] == pytest.approx(0.02)
+    assert peaks[1]["backbone"] == pytest.approx(0.005) and peaks[1]["head"] == pytest.approx(0.1)
+    step1 = load_config(tmp_path / "run" / "step1" / "config.yaml", {})
+    assert step1.optim.backbone_lr_factor == pytest.approx(0.05)
+
+
 def _backbone_moved(before, after) -> bool:
     a, b = before.backbone.state_dict(), after.backbone.state_dict()
     return any(not torch.equal(a[k], b[k]) for k in a)

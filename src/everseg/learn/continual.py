@@ -295,7 +295,7 @@ def _step_config(cfg: RunConfig, later: bool, step_epochs: int | None, step_minu
                  reference: float | None, wrap_up: float, t: int) -> RunConfig:
     """The step's epochs, time budget, LR and what of the backbone trains: step 0's for step 0
     (and every step of a retraining strategy), else the later steps' budget less the previous
-    step's wrap-up, their LR and their fine-tuning mode."""
+    step's wrap-up, their LR (the backbone's included) and their fine-tuning mode."""
     epochs = step_epochs if later and step_epochs is not None else cfg.train.epochs
     budget = step_minutes
     if later and budget is None and step_epochs is None and reference:
@@ -306,9 +306,12 @@ def _step_config(cfg: RunConfig, later: bool, step_epochs: int | None, step_minu
     minutes = max(budget / 2, budget - wrap_up / 60) if later and budget is not None else cfg.train.max_minutes
     lr = cfg.optim.lr * cfg.optim.incremental_lr_factor if later else cfg.optim.lr
     finetune = cfg.train.incremental_finetune if later else cfg.train.finetune
+    optim = {"lr": lr}
+    if later and cfg.optim.incremental_backbone_lr_factor is not None:
+        optim["backbone_lr_factor"] = cfg.optim.incremental_backbone_lr_factor
     return cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": epochs, "max_minutes": minutes,
                                                                         "finetune": finetune}),
-                                  "optim": cfg.optim.model_copy(update={"lr": lr})})
+                                  "optim": cfg.optim.model_copy(update=optim)})
 
 
 def _load_base(base_model: Path, step: Step) -> nn.Module:
