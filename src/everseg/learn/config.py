@@ -97,8 +97,8 @@ class OptimConfig(_Section):
     incremental_lr_factor: Annotated[float, Field(gt=0, le=10, allow_inf_nan=False)] = 5.0
     # Backbone LR of an incremental step = the step's LR x this, when train.incremental_finetune
     # trains the backbone; None: backbone_lr_factor, as in step 0. 0.05 with incremental_finetune
-    # full learned new classes better than a frozen backbone in 6-minute steps, worse in 90-second
-    # ones (benchmarks/README.md, "Later steps that train the backbone slowly").
+    # full learned new classes better than a frozen backbone in 6-minute steps with ce+dice, worse
+    # in shorter ones and with the Lovász term (benchmarks/README.md, [4x-lovasz]).
     incremental_backbone_lr_factor: NonNegative | None = None
     schedule: Literal["poly", "cosine", "constant"] = "poly"  # decay after warm-up, per step
     poly_power: Positive = 0.9  # exponent of the poly schedule
