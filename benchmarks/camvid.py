@@ -16,6 +16,8 @@ import json
 import time
 from pathlib import Path
 
+import torch
+
 from common import BENCH_DIR, SHARED_DATA, machine_info, update_readme_section, write_json
 from everseg.data import load_camvid
 from everseg.evaluate import evaluate
@@ -77,12 +79,18 @@ def run_variant(variant: str, config: Path, data: Path, overrides: dict, resume:
     train_minutes = fit.train_seconds / 60
     model = load_model(fit.model_dir)
     test = load_camvid(data, "test")
-    return {
+    result = {
         "variant": variant, "tag": tag, "machine": machine, "config": cfg.model_dump(mode="json"),
         "epochs": fit.epochs_run, "train_minutes": round(train_minutes, 2),
         "wall_minutes": round((time.perf_counter() - start) / 60, 2),
         "train_images_seen": fit.images_seen, **plain_scores(model, test), "tta": tta_scores(model, test),
     }
+    if cfg.train.ema_decay:
+        # The saved model is the weight average; the checkpoint keeps the trained weights of the
+        # same run, so what the average adds is measured without a second run's noise.
+        model.load_state_dict(torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)["model"])
+        result["without_average"] = plain_scores(model, test)
+    return result
 
 
 def rescore(name: str, data: Path) -> dict:

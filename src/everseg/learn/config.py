@@ -136,6 +136,10 @@ class TrainConfig(_Section):
     bf16: Literal["auto", "on", "off"] = "auto"  # mixed precision; auto = bf16 on CPUs with native bf16, on CUDA bf16 else fp16 + scaler
     threads: PositiveInt | None = None  # torch intra-op threads; None = torch's default
     log_every: PositiveInt = 10  # steps between progress/TensorBoard updates
+    # Keep an exponential moving average of the weights with this decay (0 = off); the average is
+    # what is validated, saved and returned. The decay ramps up to it as (1 + n) / (10 + n) after
+    # n steps, so until 10 / (1 - decay) steps the average weighs about the last tenth of the run.
+    ema_decay: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
 
 
     @field_validator("device")

@@ -27,6 +27,9 @@ with ``request_stop()``; more optimiser steps, only through ``nested_step(batch)
 ``before_forward`` or ``after_step``: MER's per-image steps). Models a plugin runs beside the
 trained one are returned by ``frozen_models`` so the Trainer moves them to its device; work
 a plugin does after training counts in the time budget when ``wrap_up_images`` announces it.
+With ``train.ema_decay`` the Trainer keeps a weight average, updated after ``after_step`` (so
+weights a plugin sets there enter it): ``model`` holds the average during ``on_validation`` and
+from ``on_fit_end`` on, the trained weights everywhere else.
 """
 
 from __future__ import annotations

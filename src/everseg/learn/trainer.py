@@ -13,6 +13,7 @@ import logging
 import math
 import random
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -27,6 +28,7 @@ from everseg.data.dataset import SegmentationDataset
 from everseg.devices import choose_precision, resolve_device
 from everseg.learn import distributed
 from everseg.learn.config import RunConfig
+from everseg.learn.ema import WeightAverage
 from everseg.learn.losses import LossShape, SegmentationLoss, compute_class_weights
 from everseg.learn.optim import build_optimizer, build_scheduler
 from everseg.learn.plugins import Batch, Plugin, StepOutput
@@ -162,6 +164,8 @@ class Trainer:
         self.stale_validations = 0
         self.history: list[dict[str, Any]] = []
         self.stop_requested = False
+        # train.ema_decay: the averaged weights are validated, saved and left in the model at the end.
+        self.average: WeightAverage | None = None
 
     # ------------------------------------------------------------------ set-up helpers
     def _default_criterion(self) -> nn.Module:
@@ -302,6 +306,9 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, total_steps=steps_per_epoch * tc.epochs,
                                          steps_per_epoch=steps_per_epoch,
                                          time_progress=self.budget_used if tc.max_minutes else None)
+        if tc.ema_decay:
+            # Made after the model's final layout and before a resume reads the saved average.
+            self.average = WeightAverage(self.model, tc.ema_decay)
         if resume:
             self._load_checkpoint(generator)
         # Only now, after a resume's checkpoint was read and accepted: a refused resume must
@@ -363,9 +370,11 @@ class Trainer:
                     output, terms = self._forward_terms(batch)
                     loss = sum(terms.values())
                     self.scaler.scale(loss / tc.grad_accum).backward()
+                    stepped = False
                     if (i + 1) % tc.grad_accum == 0:
                         # The LR schedule waits for a step that happened (not one skipped for overflow).
-                        if self._apply_gradients():
+                        stepped = self._apply_gradients()
+                        if stepped:
                             self.scheduler.step()
                         self.global_step += 1
                         now = time.perf_counter()
@@ -376,6 +385,9 @@ class Trainer:
                         out_of_time = distributed.any_process(not self._next_step_fits(), self.device)
                     for plugin in self.plugins:
                         plugin.after_step(self, batch, output)
+                    if stepped and self.average is not None:
+                        # After the plugins: the weights they pin back (EWF's old rows) are averaged pinned.
+                        self.average.update(self.model)
                     loss_sum += loss.detach().float()
                     for k, v in terms.items():
                         term_sums[k] = term_sums.get(k, torch.zeros((), device=self.device)) + v.detach().float()
@@ -408,13 +420,15 @@ class Trainer:
                                if len(term_sums) > 1})
                 last_epoch = self.epoch + 1 == tc.epochs or out_of_time
                 if self.val_set is not None and ((self.epoch + 1) % tc.eval_every == 0 or last_epoch):
-                    metrics = self.validate()
-                    record["val_miou"] = metrics.miou
-                    for plugin in self.plugins:
-                        plugin.on_validation(self, metrics)
-                    self._track_best(record["val_miou"])
+                    with self._averaged():
+                        metrics = self.validate()
+                        record["val_miou"] = metrics.miou
+                        for plugin in self.plugins:
+                            plugin.on_validation(self, metrics)
+                        self._track_best(record["val_miou"])
                 elif self.val_set is None and self.write_run:
-                    self._save_model()  # without validation the latest model is the one to keep
+                    with self._averaged():
+                        self._save_model()  # without validation the latest model is the one to keep
                 self.history.append(record)
                 self.train_seconds += time.perf_counter() - epoch_start
                 self._epoch_start = None  # counted in train_seconds now; budget_used must not count it twice
@@ -441,6 +455,10 @@ class Trainer:
             progress.close()
             if writer is not None:
                 writer.close()
+        if self.average is not None:
+            # What the run trained is the averaged model: the plugins' wrap-up (importance,
+            # memory) and the caller see it, and the model saved last is it.
+            self.average.copy_to(self.model)
         for plugin in self.plugins:
             plugin.on_fit_end(self)
         if self.write_run:
@@ -455,6 +473,10 @@ class Trainer:
                          history=self.history)
 
     # ------------------------------------------------------------------ pieces of the loop
+    def _averaged(self):
+        """The block sees the model with the averaged weights, if the run keeps an average."""
+        return self.average.swapped_into(self.model) if self.average is not None else nullcontext()
+
     def _diverged(self, step: int, term_sums: dict[str, torch.Tensor], n_batches: int) -> FloatingPointError:
         terms = ", ".join(f"{k}={float(v) / n_batches:.4g}" for k, v in term_sums.items())
         kept = (f"the checkpoint of the last finished epoch is kept in {self.out_dir / 'checkpoint.pt'}; "
@@ -582,6 +604,7 @@ class Trainer:
                      "best_miou": self.best_miou, "best_epoch": self.best_epoch,
                      "stale_validations": self.stale_validations, "history": self.history},
             "plugins": [p.state_dict() for p in self.plugins],
+            "average": self.average.state_dict() if self.average is not None else None,
             "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
                     "torch": torch.get_rng_state(), "loader": generator.get_state(),
                     "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None},
@@ -615,6 +638,12 @@ class Trainer:
         self.stale_validations = loop["stale_validations"]
         for plugin, pstate in zip(self.plugins, state.get("plugins", [])):
             plugin.load_state_dict(pstate)
+        if (self.average is None) != (state.get("average") is None):
+            was = "off" if state.get("average") is None else "on"
+            raise ValueError(f"{path}: the checkpoint was made with train.ema_decay {was}; resume with the "
+                             f"same configuration (see {self.out_dir}/config.yaml)")
+        if self.average is not None:
+            self.average.load_state_dict(state["average"])
         rng = state["rng"]
         random.setstate(rng["python"])
         np.random.set_state(rng["numpy"])
