@@ -27,8 +27,8 @@ class WeightAverage:
         self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     def _decay_now(self) -> float:
-        # Early on the average would be dominated by the untrained start: the effective decay
-        # ramps up, so the average covers about the steps taken while that is fewer than 1/(1-d).
+        # A fixed decay would keep the untrained start in the average of a short run: ramped
+        # up, the average weighs about the last tenth of the steps until 10 / (1 - decay) of them.
         return min(self.decay, (1.0 + self.updates) / (10.0 + self.updates))
 
     @torch.no_grad()
