@@ -38,7 +38,7 @@ class WeightAverage:
         for k, v in model.state_dict().items():
             s = self.shadow[k]
             if s.is_floating_point():
-                s.lerp_(v.detach().to(s.dtype), 1.0 - d)
+                s.lerp_(v, 1.0 - d)
             else:
                 s.copy_(v)
 

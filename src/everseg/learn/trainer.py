@@ -625,6 +625,10 @@ class Trainer:
             if saved.get(section) != current.get(section):
                 raise ValueError(f"{path}: the checkpoint's {section!r} settings differ from this "
                                  f"run's; resume with the same configuration (see {self.out_dir}/config.yaml)")
+        if (self.average is None) != (state.get("average") is None):
+            was = "off" if state.get("average") is None else "on"
+            raise ValueError(f"{path}: the checkpoint was made with train.ema_decay {was}; resume with the "
+                             f"same configuration (see {self.out_dir}/config.yaml)")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -638,10 +642,6 @@ class Trainer:
         self.stale_validations = loop["stale_validations"]
         for plugin, pstate in zip(self.plugins, state.get("plugins", [])):
             plugin.load_state_dict(pstate)
-        if (self.average is None) != (state.get("average") is None):
-            was = "off" if state.get("average") is None else "on"
-            raise ValueError(f"{path}: the checkpoint was made with train.ema_decay {was}; resume with the "
-                             f"same configuration (see {self.out_dir}/config.yaml)")
         if self.average is not None:
             self.average.load_state_dict(state["average"])
         rng = state["rng"]
