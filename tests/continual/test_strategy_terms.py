@@ -590,6 +590,15 @@ def test_mib_feature_term_is_zero_at_unchanged_weights_and_pulls_background_feat
     logits, feats = new(image, return_features=True)
     moved = mib.loss_terms(trainer, Batch(image, mask, list("abcd")), StepOutput(logits, feats))["mib_features"]
     assert moved.item() > 1e-3 and moved.requires_grad
+    # A backbone that trains is compared too, at its deepest map.
+    new.freeze_backbone(False)
+    with torch.no_grad():
+        for p in new.backbone.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    logits, feats = new(image, return_features=True)
+    both = mib.loss_terms(trainer, Batch(image, mask, list("abcd")), StepOutput(logits, feats))["mib_features"]
+    _, old_feats = old(image, return_features=True)
+    assert both.item() > moved.item() and not torch.allclose(feats["backbone"][-1], old_feats["backbone"][-1])
     assert not any(m.training for m in old.modules())
     after = old.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before if "num_batches_tracked" not in k)

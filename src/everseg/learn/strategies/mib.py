@@ -8,13 +8,13 @@ smoothing are kept and made unbiased too), (2) distils the old model into "backg
 class" for its background (unbiased distillation), and (3) starts new classifier rows
 as copies of the background row (``Segmenter.grow_classifier(init="background")``).
 
-Optional, not in the paper (``feature_weight``, off by default): the decoder's features on the
-pixels labelled background, which in a step of new classes are the old classes' pixels too,
-are held near the old model's by a mean squared distance. With a frozen backbone the decoder is
-what moves: after one 6-minute camvid-6-1 step its features differ from the old model's by a
-mean square of 0.15 (0.62 the features' own), and the classes taught in earlier short steps
-lose a point or so of IoU at every later step while the base classes barely move. Pixels of
-the class being taught are left free.
+Optional, not in the paper (``feature_weight``, off by default): the backbone's deepest map and
+the decoder's output, on the pixels labelled background (in a step of new classes, the old
+classes' pixels too), are held near the old model's by a mean squared distance. With a frozen
+backbone the decoder is what moves: after one 6-minute camvid-6-1 step its features differ from
+the old model's by a mean square of 0.15 (0.62 the features' own), and the classes taught in
+earlier short steps lose a point or so of IoU at every later step while the base classes barely
+move. Pixels of the class being taught are left free.
 """
 
 from __future__ import annotations
@@ -60,8 +60,8 @@ class MiB(Strategy):
 
     Args:
         distill_weight: weight of the unbiased distillation (paper: 10 on VOC, 100 on ADE).
-        feature_weight: weight of the decoder-feature distillation on background pixels in a
-            step of new classes (0 = off, as published). The old decoder runs on the batch's
+        feature_weight: weight of the feature distillation (deepest backbone map and decoder
+            output) on background pixels in a step of new classes (0 = off, as published). The old decoder runs on the batch's
             BatchNorm statistics for it, as the trained one does (PLOP's ``batch_statistics``):
             with its running ones, unchanged weights would already differ by a tenth of the drift
             a step causes.
@@ -99,8 +99,12 @@ class MiB(Strategy):
         if self.feature_weight and self._unbiased():
             with statistics_as(self.old_model, trainer.model):
                 _, old_features = self.old_outputs(batch.image, features=True, trainer=trainer, output=output)
-            terms["mib_features"] = self.feature_weight * background_feature_distillation(
-                output.features["decoder"], old_features["decoder"], batch.mask)
+            # The deepest backbone map and the decoder's output: where the old classes' features
+            # drift (a frozen backbone shared with the old model gives both models the same map).
+            new_maps = (output.features["backbone"][-1], output.features["decoder"])
+            old_maps = (old_features["backbone"][-1], old_features["decoder"])
+            terms["mib_features"] = self.feature_weight * sum(
+                background_feature_distillation(n, o, batch.mask) for n, o in zip(new_maps, old_maps))
         return terms
 
 
