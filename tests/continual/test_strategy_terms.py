@@ -550,61 +550,6 @@ def test_pod_embedding_holds_every_windows_means(shape, scales):
     torch.testing.assert_close(grad, ref_grad)
 
 
-def test_background_feature_distillation_by_hand():
-    from everseg.learn.strategies.mib import background_feature_distillation
-
-    new = torch.zeros(1, 2, 2, 2)
-    old = torch.zeros(1, 2, 2, 2)
-    new[0, :, 0, 0] = torch.tensor([1.0, 3.0])  # a background pixel: mean square (1 + 9) / 2 = 5
-    new[0, :, 1, 1] = 10.0  # a pixel of the class being taught: free
-    target = torch.tensor([[[0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 2, 2], [0, 0, 2, 2]]])  # 4x4 labels on a 2x2 map
-    assert background_feature_distillation(new, old, target).item() == pytest.approx(5 / 3)
-    assert background_feature_distillation(new, old, torch.full((1, 4, 4), 2)).item() == 0.0
-
-
-def test_mib_feature_term_is_zero_at_unchanged_weights_and_pulls_background_features_back():
-    """The old decoder runs on the batch's statistics for the feature term, so a model that has
-    not moved pays nothing for it; one whose decoder moved does, and its old model is untouched."""
-    from types import SimpleNamespace
-
-    from everseg.learn.plugins import Batch, StepOutput
-    from everseg.learn.strategies.base import ContinualContext
-    from everseg.learn.strategies.mib import MiB
-
-    old, new = old_and_next_model(("background", "a"), ("background", "a", "b"))
-    before = copy.deepcopy(old.state_dict())
-    step = SimpleNamespace(new_classes=("b",), label_space=new.label_space)
-    mib = MiB(feature_weight=2.0)
-    mib.begin_step(ContinualContext(step=step, step_index=1, old_model=old, old_num_classes=2))
-    trainer = SimpleNamespace(model=new)
-    image = torch.rand(4, 3, 64, 64)
-    mask = torch.zeros(4, 64, 64, dtype=torch.long)
-    mask[:, :16] = 2
-    new.train()
-    logits, feats = new(image, return_features=True)
-    terms = mib.loss_terms(trainer, Batch(image, mask, list("abcd")), StepOutput(logits, feats))
-    assert set(terms) == {"mib_distill", "mib_features"} and terms["mib_features"].item() < 1e-6
-    with torch.no_grad():
-        for p in new.decoder.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    logits, feats = new(image, return_features=True)
-    moved = mib.loss_terms(trainer, Batch(image, mask, list("abcd")), StepOutput(logits, feats))["mib_features"]
-    assert moved.item() > 1e-3 and moved.requires_grad
-    # A backbone that trains is compared too, at its deepest map.
-    new.freeze_backbone(False)
-    with torch.no_grad():
-        for p in new.backbone.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    logits, feats = new(image, return_features=True)
-    both = mib.loss_terms(trainer, Batch(image, mask, list("abcd")), StepOutput(logits, feats))["mib_features"]
-    _, old_feats = old(image, return_features=True)
-    assert both.item() > moved.item() and not torch.allclose(feats["backbone"][-1], old_feats["backbone"][-1])
-    assert not any(m.training for m in old.modules())
-    after = old.state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before if "num_batches_tracked" not in k)
-    assert "mib_features" not in MiB().loss_terms(trainer, Batch(image, mask, list("abcd")), StepOutput(logits, feats))
-
-
 def test_prior_offsets_match_the_old_models_proportions_and_keep_the_new_classes_share():
     from everseg.learn.strategies.mib import prior_offsets
 

@@ -8,14 +8,6 @@ smoothing are kept and made unbiased too), (2) distils the old model into "backg
 class" for its background (unbiased distillation), and (3) starts new classifier rows
 as copies of the background row (``Segmenter.grow_classifier(init="background")``).
 
-Optional, not in the paper (``feature_weight``, off by default): the backbone's deepest map and
-the decoder's output, on the pixels labelled background (in a step of new classes, the old
-classes' pixels too), are held near the old model's by a mean squared distance. With a frozen
-backbone the decoder is what moves: after one 6-minute camvid-6-1 step its features differ from
-the old model's by a mean square of 0.15 (0.62 the features' own), and the classes taught in
-earlier short steps lose a point or so of IoU at every later step while the base classes barely
-move. Pixels of the class being taught are left free.
-
 Optional, not in the paper (``calibrate_images``, off by default): after each step of new
 classes, the old classes' biases are re-balanced so that, on the step's background pixels, the
 new model spreads the old classes' share of probability among them as the old model does
@@ -31,11 +23,9 @@ import logging
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from everseg.learn.plugins import Batch, StepOutput
 from everseg.learn.strategies.base import Strategy
-from everseg.learn.strategies.plop import statistics_as
 
 log = logging.getLogger(__name__)
 
@@ -52,15 +42,6 @@ def unbiased_distillation(new_logits: torch.Tensor, old_logits: torch.Tensor) ->
     log_hat = torch.cat([log_bg, log_old], dim=1)
     q = old_logits.float().softmax(1)
     return -(q * log_hat).sum(1).mean() / n_old
-
-
-def background_feature_distillation(new_features: torch.Tensor, old_features: torch.Tensor,
-                                    target: torch.Tensor) -> torch.Tensor:
-    """Mean over the pixels labelled 0 of the channel-mean squared difference between two
-    feature maps (N x C x h x w, the labels N x H x W taken at the maps' size, nearest)."""
-    keep = F.interpolate((target == 0).unsqueeze(1).float(), size=new_features.shape[-2:], mode="nearest")[:, 0]
-    sq = (new_features.float() - old_features.float()).pow(2).mean(1)
-    return (sq * keep).sum() / keep.sum().clamp_min(1.0)
 
 
 def prior_offsets(new_logits: torch.Tensor, old_probs: torch.Tensor, iterations: int = 200,
@@ -123,24 +104,17 @@ class MiB(Strategy):
         calibrate_images: after a step of new classes, re-balance the old classes' biases on
             the background pixels of this many of the step's images, evenly spread (0 = off,
             as published; the pass counts against the step's time budget).
-        feature_weight: weight of the feature distillation (deepest backbone map and decoder
-            output) on background pixels in a step of new classes (0 = off, as published). The old decoder runs on the batch's
-            BatchNorm statistics for it, as the trained one does (PLOP's ``batch_statistics``):
-            with its running ones, unchanged weights would already differ by a tenth of the drift
-            a step causes.
     """
 
     name = "mib"
     reuses_backbone = True
     head_init = "background"
 
-    def __init__(self, distill_weight: float = 10.0, feature_weight: float = 0.0, calibrate_images: int = 0):
+    def __init__(self, distill_weight: float = 10.0, calibrate_images: int = 0):
         super().__init__()
-        if feature_weight < 0:
-            raise ValueError(f"mib.feature_weight must be >= 0, not {feature_weight}")
         if calibrate_images < 0:
             raise ValueError(f"mib.calibrate_images must be >= 0, not {calibrate_images}")
-        self.distill_weight, self.feature_weight = distill_weight, feature_weight
+        self.distill_weight = distill_weight
         self.calibrate_images = calibrate_images
         self.bias_offsets: list[float] = []  # the last calibration's, for the log and tests
 
@@ -171,17 +145,7 @@ class MiB(Strategy):
         if self.old_model is None:
             return {}
         old = self.old_outputs(batch.image, trainer=trainer, output=output)
-        terms = {"mib_distill": self.distill_weight * unbiased_distillation(output.logits, old)}
-        if self.feature_weight and self._unbiased():
-            with statistics_as(self.old_model, trainer.model):
-                _, old_features = self.old_outputs(batch.image, features=True, trainer=trainer, output=output)
-            # The deepest backbone map and the decoder's output: where the old classes' features
-            # drift (a frozen backbone shared with the old model gives both models the same map).
-            new_maps = (output.features["backbone"][-1], output.features["decoder"])
-            old_maps = (old_features["backbone"][-1], old_features["decoder"])
-            terms["mib_features"] = self.feature_weight * sum(
-                background_feature_distillation(n, o, batch.mask) for n, o in zip(new_maps, old_maps))
-        return terms
+        return {"mib_distill": self.distill_weight * unbiased_distillation(output.logits, old)}
 
 
-__all__ = ["MiB", "background_feature_distillation", "calibrate_old_classes", "prior_offsets", "unbiased_distillation"]
+__all__ = ["MiB", "calibrate_old_classes", "prior_offsets", "unbiased_distillation"]
