@@ -30,9 +30,13 @@ from everseg.learn.strategies.base import Strategy
 log = logging.getLogger(__name__)
 
 
-def unbiased_distillation(new_logits: torch.Tensor, old_logits: torch.Tensor) -> torch.Tensor:
+def unbiased_distillation(new_logits: torch.Tensor, old_logits: torch.Tensor, class_balanced: bool = False
+                          ) -> torch.Tensor:
     """``-1/|old| sum_c q_c log p^_c``, averaged over pixels, where the new model's background
-    probability is that of "background or any new class" (log-sum-exp over those logits)."""
+    probability is that of "background or any new class" (log-sum-exp over those logits).
+
+    ``class_balanced``: averaged over the pixels of each class the old model predicts, then over
+    those classes, so that a class on 1 % of the pixels weighs as much as the road."""
     n_old = old_logits.shape[1]
     new_logits = new_logits.float()
     denom = torch.logsumexp(new_logits, dim=1, keepdim=True)
@@ -41,7 +45,14 @@ def unbiased_distillation(new_logits: torch.Tensor, old_logits: torch.Tensor) ->
     log_old = new_logits[:, 1:n_old] - denom
     log_hat = torch.cat([log_bg, log_old], dim=1)
     q = old_logits.float().softmax(1)
-    return -(q * log_hat).sum(1).mean() / n_old
+    per_pixel = -(q * log_hat).sum(1) / n_old
+    if not class_balanced:
+        return per_pixel.mean()
+    predicted = q.argmax(1).flatten()
+    sums = per_pixel.new_zeros(n_old).scatter_add(0, predicted, per_pixel.flatten())
+    counts = torch.bincount(predicted, minlength=n_old)
+    present = counts > 0
+    return (sums[present] / counts[present]).mean()
 
 
 def prior_offsets(new_logits: torch.Tensor, old_probs: torch.Tensor, iterations: int = 200,
@@ -101,6 +112,9 @@ class MiB(Strategy):
 
     Args:
         distill_weight: weight of the unbiased distillation (paper: 10 on VOC, 100 on ADE).
+        class_balanced: average the distillation over each class the old model predicts, then
+            over the classes (off = over pixels, as published): pixel means leave the small
+            classes taught in earlier steps little to keep them.
         calibrate_images: after a step of new classes, re-balance the old classes' biases on
             the background pixels of this many of the step's images, evenly spread (0 = off,
             as published; the pass counts against the step's time budget).
@@ -110,11 +124,11 @@ class MiB(Strategy):
     reuses_backbone = True
     head_init = "background"
 
-    def __init__(self, distill_weight: float = 10.0, calibrate_images: int = 0):
+    def __init__(self, distill_weight: float = 10.0, class_balanced: bool = False, calibrate_images: int = 0):
         super().__init__()
         if calibrate_images < 0:
             raise ValueError(f"mib.calibrate_images must be >= 0, not {calibrate_images}")
-        self.distill_weight = distill_weight
+        self.distill_weight, self.class_balanced = distill_weight, class_balanced
         self.calibrate_images = calibrate_images
         self.bias_offsets: list[float] = []  # the last calibration's, for the log and tests
 
@@ -145,7 +159,7 @@ class MiB(Strategy):
         if self.old_model is None:
             return {}
         old = self.old_outputs(batch.image, trainer=trainer, output=output)
-        return {"mib_distill": self.distill_weight * unbiased_distillation(output.logits, old)}
+        return {"mib_distill": self.distill_weight * unbiased_distillation(output.logits, old, self.class_balanced)}
 
 
 __all__ = ["MiB", "calibrate_old_classes", "prior_offsets", "unbiased_distillation"]
