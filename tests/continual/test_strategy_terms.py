@@ -550,53 +550,6 @@ def test_pod_embedding_holds_every_windows_means(shape, scales):
     torch.testing.assert_close(grad, ref_grad)
 
 
-def test_prior_offsets_match_the_old_models_proportions_and_keep_the_new_classes_share():
-    from everseg.learn.strategies.mib import prior_offsets
-
-    torch.manual_seed(0)
-    logits = torch.randn(3, 500)  # classes 0, 1 old, 2 new
-    logits[1] -= 1.0  # class 1 has sunk against class 0
-    old = torch.stack([torch.full((500,), 0.5), torch.full((500,), 0.5)])  # the old model: half and half
-    before = logits.softmax(0).mean(1)
-    offsets = prior_offsets(logits, old)
-    after = (logits + torch.cat([offsets, torch.zeros(1)])[:, None]).softmax(0).mean(1)
-    assert after[0].item() == pytest.approx(after[1].item(), rel=1e-3)
-    assert after[2].item() == pytest.approx(before[2].item(), rel=0.05)
-    assert offsets[1] - offsets[0] > 0.5
-    # A class the old model never gives probability to keeps its bias; offsets are bounded.
-    none = prior_offsets(logits, torch.stack([torch.ones(500), torch.zeros(500)]))
-    assert none[1].item() == 0.0 and none.abs().max() <= 2.0
-
-
-def test_mib_calibration_shifts_only_the_old_biases_from_the_steps_background_pixels():
-    import contextlib as cl
-    from types import SimpleNamespace
-
-    from everseg.learn.strategies.base import ContinualContext
-    from everseg.learn.strategies.mib import MiB
-
-    old, new = old_and_next_model(("background", "a"), ("background", "a", "b"))
-    with torch.no_grad():
-        new.classifier.bias[1] -= 1.0  # the old class "a" has sunk
-    bias = new.classifier.bias.detach().clone()
-    masks = [torch.zeros(32, 32, dtype=torch.long) for _ in range(3)]
-    masks[0][:8] = 2  # pixels of the class being taught do not count
-    items = [{"image": (torch.rand(3, 32, 32) * 255).to(torch.uint8), "mask": m} for m in masks]
-    train_set = SimpleNamespace(with_transform=lambda t: items)
-    trainer = SimpleNamespace(model=new, train_set=train_set, device=torch.device("cpu"), autocast=cl.nullcontext)
-    step = SimpleNamespace(new_classes=("b",), label_space=new.label_space)
-    ctx = ContinualContext(step=step, step_index=1, old_model=old, old_num_classes=2)
-    mib = MiB(calibrate_images=2)
-    mib.begin_step(ctx)
-    new.train()
-    mib.end_step(ctx, trainer)
-    moved = new.classifier.bias.detach() - bias
-    assert moved[2].item() == 0.0 and moved[1].item() > moved[0].item()
-    assert new.training  # modes put back
-    MiB().end_step(ctx, trainer)  # off by default: nothing moves
-    assert torch.equal(new.classifier.bias.detach() - bias, moved)
-
-
 def test_class_balanced_distillation_averages_each_predicted_class_then_the_classes():
     torch.manual_seed(0)
     new, old = torch.randn(1, 4, 5, 6), torch.randn(1, 3, 5, 6)
