@@ -21,13 +21,9 @@ from everseg.learn.strategies.base import Strategy
 log = logging.getLogger(__name__)
 
 
-def unbiased_distillation(new_logits: torch.Tensor, old_logits: torch.Tensor, class_balanced: bool = False
-                          ) -> torch.Tensor:
+def unbiased_distillation(new_logits: torch.Tensor, old_logits: torch.Tensor) -> torch.Tensor:
     """``-1/|old| sum_c q_c log p^_c``, averaged over pixels, where the new model's background
-    probability is that of "background or any new class" (log-sum-exp over those logits).
-
-    ``class_balanced``: averaged over the pixels of each class the old model predicts, then over
-    those classes, so that a class on 1 % of the pixels weighs as much as the road."""
+    probability is that of "background or any new class" (log-sum-exp over those logits)."""
     n_old = old_logits.shape[1]
     new_logits = new_logits.float()
     denom = torch.logsumexp(new_logits, dim=1, keepdim=True)
@@ -36,14 +32,7 @@ def unbiased_distillation(new_logits: torch.Tensor, old_logits: torch.Tensor, cl
     log_old = new_logits[:, 1:n_old] - denom
     log_hat = torch.cat([log_bg, log_old], dim=1)
     q = old_logits.float().softmax(1)
-    per_pixel = -(q * log_hat).sum(1) / n_old
-    if not class_balanced:
-        return per_pixel.mean()
-    predicted = q.argmax(1).flatten()
-    sums = per_pixel.new_zeros(n_old).scatter_add(0, predicted, per_pixel.flatten())
-    counts = torch.bincount(predicted, minlength=n_old)
-    present = counts > 0
-    return (sums[present] / counts[present]).mean()
+    return -(q * log_hat).sum(1).mean() / n_old
 
 
 class MiB(Strategy):
@@ -51,18 +40,15 @@ class MiB(Strategy):
 
     Args:
         distill_weight: weight of the unbiased distillation (paper: 10 on VOC, 100 on ADE).
-        class_balanced: average the distillation over each class the old model predicts, then
-            over the classes (off = over pixels, as published): pixel means leave the small
-            classes taught in earlier steps little to keep them.
     """
 
     name = "mib"
     reuses_backbone = True
     head_init = "background"
 
-    def __init__(self, distill_weight: float = 10.0, class_balanced: bool = False):
+    def __init__(self, distill_weight: float = 10.0):
         super().__init__()
-        self.distill_weight, self.class_balanced = distill_weight, class_balanced
+        self.distill_weight = distill_weight
 
     def _unbiased(self) -> bool:
         # Without a background shift label 0 is a class like any other (a domain step's Sky):
@@ -82,7 +68,7 @@ class MiB(Strategy):
         if self.old_model is None:
             return {}
         old = self.old_outputs(batch.image, trainer=trainer, output=output)
-        return {"mib_distill": self.distill_weight * unbiased_distillation(output.logits, old, self.class_balanced)}
+        return {"mib_distill": self.distill_weight * unbiased_distillation(output.logits, old)}
 
 
 __all__ = ["MiB", "unbiased_distillation"]
