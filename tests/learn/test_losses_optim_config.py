@@ -253,3 +253,27 @@ def test_incremental_lr_factor_out_of_range_is_refused(value):
     assert load_config(None, {"optim.incremental_lr_factor": "10"}).optim.incremental_lr_factor == 10
     with pytest.raises(ConfigError, match="train.incremental_finetune"):
         load_config(None, {"train.incremental_finetune": "half"})
+
+
+@pytest.mark.parametrize("kind", ["dice", "lovasz"])
+def test_unbiased_overlap_terms_do_not_count_background_pixels_against_old_classes(kind):
+    """Under MiB's background shift a pixel labelled 0 may be an old class. When an old class is
+    present in the batch (replayed or pseudo-labelled pixels), predicting it on pixels labelled
+    0 costs nothing more than predicting background there; a new class there still costs."""
+    from everseg.learn.losses import LossShape, SegmentationLoss
+
+    target = torch.zeros(1, 8, 8, dtype=torch.long)
+    target[0, :2] = 1  # an old class, labelled (a replayed image)
+    target[0, 6:] = 2  # the new class
+    shape = LossShape()
+    shape.merge_background(2, "mib")
+    loss = SegmentationLoss(kind)
+
+    def predicting(on_zero: int) -> float:
+        logits = torch.zeros(1, 3, 8, 8)
+        logits[0, 1, :2] = logits[0, 2, 6:] = 8.0
+        logits[0, on_zero, 2:6] = 8.0
+        return loss(logits, target, shape).item()
+
+    assert predicting(1) == pytest.approx(predicting(0), abs=1e-4)
+    assert predicting(2) > predicting(0) + 0.05

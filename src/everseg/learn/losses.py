@@ -47,6 +47,14 @@ class DiceLoss(nn.Module):
         p_true = probs.gather(1, labels.unsqueeze(1)).squeeze(1) * weight
         inter = p_true.new_zeros(n_cls).scatter_add(0, labels.flatten(), p_true.flatten())
         pred = (probs * weight.unsqueeze(1)).sum((0, 2, 3))
+        if background_covers > 1:
+            # A pixel labelled 0 may be any of the old classes it stands for: it counts against
+            # none of them (else an old class that replayed or pseudo-labelled pixels make present
+            # is taught away from every step pixel that shows it).
+            unsure = (probs * (weight * (labels == 0)).unsqueeze(1)).sum((0, 2, 3))
+            old = torch.zeros_like(pred)
+            old[1:background_covers] = 1.0
+            pred = pred - old * unsure
         truth = torch.bincount(labels[valid], minlength=n_cls).to(probs.dtype)
         dice = (2 * inter + self.smooth) / (pred + truth + self.smooth)
         present = truth > 0
@@ -92,7 +100,13 @@ class LovaszSoftmaxLoss(nn.Module):
         probs = probs.permute(1, 0, 2, 3)[:, valid]  # classes x valid pixels
         classes = torch.bincount(labels, minlength=probs.shape[0]).nonzero().squeeze(1)
         truth = (labels.unsqueeze(0) == classes.unsqueeze(1)).to(probs.dtype)
-        errors, order = (truth - probs[classes]).abs().sort(dim=1, descending=True)
+        errors = (truth - probs[classes]).abs()
+        if background_covers > 1:
+            # As in the Dice term: a pixel labelled 0 is no error for an old class it may be.
+            # (An error of 0 sorts last and adds nothing to the loss or to the others' weights.)
+            old = (classes >= 1) & (classes < background_covers)
+            errors = errors.masked_fill(old.unsqueeze(1) & (labels == 0).unsqueeze(0), 0.0)
+        errors, order = errors.sort(dim=1, descending=True)
         truth = truth.gather(1, order)
         # The Lovász extension's gradient: the Jaccard loss of the k largest errors, differenced.
         total = truth.sum(1, keepdim=True)
