@@ -128,7 +128,7 @@ class LossShape:
     - ``background_covers`` (k): label 0 stands for "background or one of classes 1..k-1"
       (MiB's unbiased loss, for a step whose background hides the old classes): its
       cross-entropy uses the summed probability of those classes, and so do its Dice and
-      Lovász terms.
+      Lovász terms, where a pixel labelled 0 counts against none of classes 1..k-1.
       Set once per batch; two different values are refused.
     """
 
