@@ -220,7 +220,7 @@ def test_time_budget_moves_the_decay_along():
 def test_the_shaped_cross_entropy_is_torchs_when_nothing_is_shaped():
     """The path strategies shape (image weights, a merged background) computes the same loss as
     F.cross_entropy, class weights and label smoothing included, before anything is changed."""
-    from everseg.learn.losses import LossShape, SegmentationLoss
+    from everseg.learn.losses import LossShape
 
     torch.manual_seed(0)
     logits = torch.randn(2, 4, 5, 6)
@@ -260,7 +260,7 @@ def test_unbiased_overlap_terms_do_not_count_background_pixels_against_old_class
     """Under MiB's background shift a pixel labelled 0 may be an old class. When an old class is
     present in the batch (replayed or pseudo-labelled pixels), predicting it on pixels labelled
     0 costs nothing more than predicting background there; a new class there still costs."""
-    from everseg.learn.losses import LossShape, SegmentationLoss
+    from everseg.learn.losses import LossShape
 
     target = torch.zeros(1, 8, 8, dtype=torch.long)
     target[0, :2] = 1  # an old class, labelled (a replayed image)

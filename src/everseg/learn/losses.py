@@ -51,10 +51,9 @@ class DiceLoss(nn.Module):
             # A pixel labelled 0 may be any of the old classes it stands for: it counts against
             # none of them (else an old class that replayed or pseudo-labelled pixels make present
             # is taught away from every step pixel that shows it).
-            unsure = (probs * (weight * (labels == 0)).unsqueeze(1)).sum((0, 2, 3))
-            old = torch.zeros_like(pred)
-            old[1:background_covers] = 1.0
-            pred = pred - old * unsure
+            k = background_covers
+            unsure = (probs[:, 1:k] * (weight * (labels == 0)).unsqueeze(1)).sum((0, 2, 3))
+            pred = torch.cat([pred[:1], pred[1:k] - unsure, pred[k:]])
         truth = torch.bincount(labels[valid], minlength=n_cls).to(probs.dtype)
         dice = (2 * inter + self.smooth) / (pred + truth + self.smooth)
         present = truth > 0
