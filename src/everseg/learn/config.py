@@ -126,12 +126,6 @@ class TrainConfig(_Section):
     # ... in an incremental step (everseg learn, scenario run's later steps): frozen keeps the
     # features the old classes rest on, which lets the decoder learn new ones at a higher LR.
     incremental_finetune: Literal["full", "frozen", "gradual"] = "frozen"
-    # BatchNorm running statistics while training: update (the usual train mode) or frozen (every
-    # norm layer normalises with the statistics the model came with; its scale and shift still train).
-    norm_stats: Literal["update", "frozen"] = "update"
-    # ... in an incremental step: a step's images are those holding its new classes, so updated
-    # statistics drift towards them and away from the images the old classes are seen in.
-    incremental_norm_stats: Literal["update", "frozen"] = "update"
     unfreeze_epochs: PositiveInt = 3  # gradual: epochs between unfreezing successive backbone chunks
     unfreeze_chunks: PositiveInt = 3  # gradual: how many chunks the backbone is unfrozen in
     early_stopping: PositiveInt | None = None  # stop after this many validations without mIoU gain

@@ -306,13 +306,11 @@ def _step_config(cfg: RunConfig, later: bool, step_epochs: int | None, step_minu
     minutes = max(budget / 2, budget - wrap_up / 60) if later and budget is not None else cfg.train.max_minutes
     lr = cfg.optim.lr * cfg.optim.incremental_lr_factor if later else cfg.optim.lr
     finetune = cfg.train.incremental_finetune if later else cfg.train.finetune
-    norm_stats = cfg.train.incremental_norm_stats if later else cfg.train.norm_stats
     optim = {"lr": lr}
     if later and cfg.optim.incremental_backbone_lr_factor is not None:
         optim["backbone_lr_factor"] = cfg.optim.incremental_backbone_lr_factor
     return cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": epochs, "max_minutes": minutes,
-                                                                        "finetune": finetune,
-                                                                        "norm_stats": norm_stats}),
+                                                                        "finetune": finetune}),
                                   "optim": cfg.optim.model_copy(update=optim)})
 
 

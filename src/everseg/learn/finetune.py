@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
+from torch.nn.modules.batchnorm import _NormBase
 
 from everseg.learn.plugins import Plugin
 
@@ -22,17 +22,6 @@ class FrozenBackbone(Plugin):
 
     def on_fit_start(self, trainer: "Trainer") -> None:
         trainer.model.freeze_backbone(True)
-
-
-class FrozenNormStatistics(Plugin):
-    """Every BatchNorm layer normalises with the running statistics the model started with and
-    leaves them as they are; its scale and shift still train."""
-
-    def on_epoch_start(self, trainer: "Trainer") -> None:
-        # The Trainer puts the model in train mode before each epoch; this undoes it for the norms.
-        for module in trainer.model.modules():
-            if isinstance(module, _BatchNorm):
-                module.eval()
 
 
 class GradualUnfreeze(Plugin):

@@ -13,7 +13,7 @@ from everseg.data.dataset import SegmentationDataset
 from everseg.data.fingerprint import Plan
 from everseg.data.transforms import AugmentConfig, train_transform
 from everseg.learn.config import RunConfig, is_set, with_values
-from everseg.learn.finetune import FrozenBackbone, FrozenNormStatistics, GradualUnfreeze
+from everseg.learn.finetune import FrozenBackbone, GradualUnfreeze
 from everseg.learn.plugins import Plugin
 from everseg.learn.rundir import claim_run_folder, clear_run_folder
 from everseg.learn.trainer import FitResult, Trainer, seed_everything
@@ -133,12 +133,11 @@ def aspp_rates(cfg: RunConfig) -> tuple[int, ...] | list[int] | None:
 
 def finetune_plugins(cfg: RunConfig) -> list[Plugin]:
     tc = cfg.train
-    plugins: list[Plugin] = [FrozenNormStatistics()] if tc.norm_stats == "frozen" else []
     if tc.finetune == "frozen":
-        return [*plugins, FrozenBackbone()]
+        return [FrozenBackbone()]
     if tc.finetune == "gradual":
-        return [*plugins, GradualUnfreeze(every=tc.unfreeze_epochs, chunks=tc.unfreeze_chunks)]
-    return plugins
+        return [GradualUnfreeze(every=tc.unfreeze_epochs, chunks=tc.unfreeze_chunks)]
+    return []
 
 
 def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
