@@ -124,19 +124,6 @@ def test_lovasz_on_a_pixel_grid_estimates_the_whole_batch():
         assert LovaszSoftmaxLoss(max_pixels=32)(logits, target).item() == pytest.approx(whole.item(), abs=1e-6)
 
 
-def test_the_lovasz_grid_size_is_a_loss_setting():
-    loss = SegmentationLoss("ce+lovasz", lovasz_pixels=1 << 18)
-    assert loss.lovasz.max_pixels == 1 << 18
-    torch.manual_seed(0)
-    target = torch.randint(0, 3, (1, 64, 64))
-    logits = torch.randn(1, 3, 64, 64)
-    # The batch's 4096 pixels fit a grid of 2^12: the loss sees every pixel.
-    exact = SegmentationLoss("lovasz", lovasz_pixels=1 << 12)(logits, target)
-    assert exact.item() == pytest.approx(LovaszSoftmaxLoss(max_pixels=1 << 20)(logits, target).item(), abs=1e-6)
-    with pytest.raises(ConfigError, match="lovasz_pixels"):
-        load_config(None, {"loss.lovasz_pixels": 10})
-
-
 def test_lovasz_merges_old_classes_into_the_background_as_the_other_terms_do():
     target = torch.tensor([[[0, 0, 2, 2]]])
     logits = _confident([1, 0, 2, 2], 3)  # pixel 0: old class 1 where the step's truth says background

@@ -114,10 +114,6 @@ class LossConfig(_Section):
     max_class_weight: Positive = 10.0  # clip computed class weights to avoid exploding rare-class losses
     dice_weight: NonNegative = 1.0  # weight of the Dice term in a sum
     lovasz_weight: NonNegative = 1.0  # weight of the Lovász term in a sum
-    # The Lovász term looks at a regular grid of at most this many pixels a batch (sorting every
-    # pixel once per class costs more than the rest of a step): every 4th pixel each way at 2^16
-    # on a batch of 8 crops of 288x384, every 2nd at 2^18.
-    lovasz_pixels: Annotated[int, Field(ge=1024)] = 1 << 16
     label_smoothing: Fraction = 0.0  # CE label smoothing
 
 

@@ -163,7 +163,7 @@ class SegmentationLoss(nn.Module):
 
     def __init__(self, kind: str = "ce", *, class_weights: torch.Tensor | None = None,
                  ignore_index: int = IGNORE_INDEX, dice_weight: float = 1.0, lovasz_weight: float = 1.0,
-                 label_smoothing: float = 0.0, lovasz_pixels: int = 1 << 16):
+                 label_smoothing: float = 0.0):
         super().__init__()
         if kind not in LOSS_KINDS:
             raise ValueError(f"unknown loss {kind!r}; choose {', '.join(LOSS_KINDS)}")
@@ -175,7 +175,7 @@ class SegmentationLoss(nn.Module):
         self.label_smoothing = label_smoothing
         self.register_buffer("class_weights", class_weights, persistent=False)
         self.dice = DiceLoss(ignore_index)
-        self.lovasz = LovaszSoftmaxLoss(ignore_index, max_pixels=lovasz_pixels)
+        self.lovasz = LovaszSoftmaxLoss(ignore_index)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor, shape: LossShape | None = None) -> torch.Tensor:
         shape = shape if shape is not None and not shape.plain else None

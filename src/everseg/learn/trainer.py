@@ -177,7 +177,7 @@ class Trainer:
                                             lc.class_weights, lc.max_class_weight)
         return SegmentationLoss(lc.kind, class_weights=weights, ignore_index=ls.ignore_index,
                                 dice_weight=lc.dice_weight, lovasz_weight=lc.lovasz_weight,
-                                label_smoothing=lc.label_smoothing, lovasz_pixels=lc.lovasz_pixels)
+                                label_smoothing=lc.label_smoothing)
 
     def loss_terms(self, batch: Batch, output: StepOutput) -> dict[str, torch.Tensor]:
         """The step's loss terms: the recipe's segmentation loss as the plugins shape it (``"seg"``),
