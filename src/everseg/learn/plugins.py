@@ -11,7 +11,6 @@ else on the Trainer is its own and may change without notice):
 Read: ``config`` (the RunConfig; never modify it), ``model`` (the model being trained,
 unwrapped), ``train_set`` (its ``label_space``, ``transform``, ``with_transform``, counts),
 ``device``, ``autocast()`` (the run's mixed-precision context, for models a plugin runs),
-``use_bf16`` (whether evaluation runs in bfloat16: for a plugin that predicts as ``evaluate`` does),
 ``to_batch(raw)`` (a loader batch as the model takes it), ``epoch``, ``global_step``,
 ``optimizer`` (from ``on_fit_start`` on: its learning rates) and ``criterion`` (the
 recipe's :class:`~everseg.learn.losses.SegmentationLoss`).

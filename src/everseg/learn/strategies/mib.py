@@ -7,11 +7,6 @@ class" (unbiased cross-entropy; here the recipe's own loss shaped by
 smoothing are kept and made unbiased too), (2) distils the old model into "background or any new
 class" for its background (unbiased distillation), and (3) starts new classifier rows
 as copies of the background row (``Segmenter.grow_classifier(init="background")``).
-
-Beyond the paper: after a step that taught classes, the new classes' biases are shifted so
-that each is predicted on as many of the step's labelled pixels as it holds
-(:mod:`everseg.learn.calibration`); trained only on images that hold them, the new classes
-end over-predicted.
 """
 
 from __future__ import annotations
@@ -20,7 +15,6 @@ import logging
 
 import torch
 
-from everseg.learn.calibration import count_matching_offsets, shift_class_biases
 from everseg.learn.plugins import Batch, StepOutput
 from everseg.learn.strategies.base import Strategy
 
@@ -46,28 +40,20 @@ class MiB(Strategy):
 
     Args:
         distill_weight: weight of the unbiased distillation (paper: 10 on VOC, 100 on ADE).
-        calibrate_images: the step's images on which the new classes' biases are matched to
-            their pixel counts after training (0: no calibration).
     """
 
     name = "mib"
     reuses_backbone = True
     head_init = "background"
 
-    def __init__(self, distill_weight: float = 10.0, calibrate_images: int = 0):
+    def __init__(self, distill_weight: float = 10.0):
         super().__init__()
-        if calibrate_images < 0:
-            raise ValueError(f"mib.calibrate_images must be >= 0, got {calibrate_images}")
         self.distill_weight = distill_weight
-        self.calibrate_images = calibrate_images
 
     def _unbiased(self) -> bool:
         # Without a background shift label 0 is a class like any other (a domain step's Sky):
         # merging the old classes into it would make its pixels cost nothing.
         return self.old_model is not None and self.ctx.background_shift
-
-    def _calibrates(self) -> bool:
-        return self.calibrate_images > 0 and self._unbiased() and bool(self.ctx.step.new_ids)
 
     def on_fit_start(self, trainer) -> None:
         if self._unbiased():
@@ -83,20 +69,6 @@ class MiB(Strategy):
             return {}
         old = self.old_outputs(batch.image, trainer=trainer, output=output)
         return {"mib_distill": self.distill_weight * unbiased_distillation(output.logits, old)}
-
-    def wrap_up_images(self, trainer) -> int:
-        return min(self.calibrate_images, len(trainer.train_set)) if self._calibrates() else 0
-
-    def end_step(self, ctx, trainer) -> None:
-        if not self._calibrates():
-            return
-        names = trainer.model.label_space.names if hasattr(trainer.model, "label_space") else None
-        offsets = count_matching_offsets(trainer.model, trainer.train_set.with_transform(None), ctx.step.new_ids,
-                                         max_images=self.calibrate_images, autocast_bf16=trainer.use_bf16,
-                                         channels_last=trainer.config.train.channels_last)
-        shift_class_biases(trainer.model, offsets)
-        log.info("mib: new classes' biases shifted to match their pixel counts: %s",
-                 ", ".join(f"{names[c] if names else c} {d:+.2f}" for c, d in offsets.items()) or "none")
 
 
 __all__ = ["MiB", "unbiased_distillation"]
