@@ -20,6 +20,10 @@ def test_params_reach_the_right_strategy_with_the_default_type():
     ("lwf", {"lwf.alpha": "1"}, "lwf takes"),
     ("lwf", {"lwf.weight": "lots"}, "expected a float"),
     ("finetune", {"lwf.weight": "1"}, "no hyper-parameters"),
+    ("mib", {"mib.distill_weight": "-1"}, "must be a finite number >= 0"),
+    ("mib", {"mib.distill_weight": "nan"}, "must be a finite number >= 0"),
+    ("lwf", {"lwf.weight": float("inf")}, "must be a finite number >= 0"),
+    ("ewc", {"ewc.max_batches": -2}, "must be a finite number >= 0"),
 ])
 def test_bad_params_are_refused_by_name(spec, params, message):
     with pytest.raises(ValueError, match=message):

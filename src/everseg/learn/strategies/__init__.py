@@ -12,6 +12,7 @@ would add nothing and joint would leave nothing to the method.
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Any, Callable, Mapping
 
 from everseg.learn.strategies.base import ContinualContext, RunStart, Strategy
@@ -74,7 +75,7 @@ def build_strategies(spec: str, params: Mapping[str, Any] | None = None) -> list
         defaults = strategy_parameters(owner)
         if arg not in defaults:
             raise ValueError(f"hyper-parameter {key!r}: {owner} takes {sorted(defaults)}")
-        kwargs[owner][arg] = _convert(key, value, defaults[arg])
+        kwargs[owner][arg] = _checked(key, _convert(key, value, defaults[arg]))
     # Replay first, so the others see the replayed images; MER first, so that the others' batch
     # hooks act on each of its steps once.
     names.sort(key=lambda n: n not in ("replay", "mer"))
@@ -110,6 +111,15 @@ def strategy_parameters(name: str) -> dict[str, Any]:
     """The hyper-parameters of strategy ``name`` and their defaults (see each class's docstring)."""
     sig = inspect.signature(STRATEGIES[name])
     return {k: p.default for k, p in sig.parameters.items() if p.default is not inspect.Parameter.empty}
+
+
+def _checked(key: str, value: Any) -> Any:
+    # No strategy has a hyper-parameter that means anything negative or infinite (a negative
+    # distillation weight rewards forgetting); refused here, before a run starts.
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"hyper-parameter {key}={value!r}: must be a finite number >= 0")
+    return value
 
 
 def _convert(key: str, value: Any, default: Any) -> Any:
