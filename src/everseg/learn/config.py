@@ -115,6 +115,10 @@ class LossConfig(_Section):
     dice_weight: NonNegative = 1.0  # weight of the Dice term in a sum
     lovasz_weight: NonNegative = 1.0  # weight of the Lovász term in a sum
     label_smoothing: Fraction = 0.0  # CE label smoothing
+    # Weight of an auxiliary head's cross-entropy (deep supervision, learn/auxiliary.py), 0 = none.
+    # Only while the backbone trains in a model's own training (not a later incremental step); the
+    # head is dropped after training, so models, inference and export are unchanged.
+    aux_weight: NonNegative = 0.0
 
 
 class TrainConfig(_Section):

@@ -295,7 +295,9 @@ def _step_config(cfg: RunConfig, later: bool, step_epochs: int | None, step_minu
                  reference: float | None, wrap_up: float, t: int) -> RunConfig:
     """The step's epochs, time budget, LR and what of the backbone trains: step 0's for step 0
     (and every step of a retraining strategy), else the later steps' budget less the previous
-    step's wrap-up, their LR (the backbone's included) and their fine-tuning mode."""
+    step's wrap-up, their LR (the backbone's included) and their fine-tuning mode. Later steps
+    train no auxiliary head (loss.aux_weight): a new, untrained one in a step a tenth of the
+    base's length would pull at the backbone the old classes rest on."""
     epochs = step_epochs if later and step_epochs is not None else cfg.train.epochs
     budget = step_minutes
     if later and budget is None and step_epochs is None and reference:
@@ -309,9 +311,11 @@ def _step_config(cfg: RunConfig, later: bool, step_epochs: int | None, step_minu
     optim = {"lr": lr}
     if later and cfg.optim.incremental_backbone_lr_factor is not None:
         optim["backbone_lr_factor"] = cfg.optim.incremental_backbone_lr_factor
-    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": epochs, "max_minutes": minutes,
-                                                                        "finetune": finetune}),
-                                  "optim": cfg.optim.model_copy(update=optim)})
+    update = {"train": cfg.train.model_copy(update={"epochs": epochs, "max_minutes": minutes, "finetune": finetune}),
+              "optim": cfg.optim.model_copy(update=optim)}
+    if later:
+        update["loss"] = cfg.loss.model_copy(update={"aux_weight": 0.0})
+    return cfg.model_copy(update=update)
 
 
 def _load_base(base_model: Path, step: Step) -> nn.Module:

@@ -182,14 +182,21 @@ class SegmentationLoss(nn.Module):
         covers = shape.background_covers if shape is not None else 1
         loss = logits.new_zeros((), dtype=torch.float32)
         if "ce" in self.terms:
-            loss = loss + (self._shaped_ce(logits, target, shape) if shape is not None else
-                           F.cross_entropy(logits.float(), target, weight=self.class_weights,
-                                           ignore_index=self.ignore_index, label_smoothing=self.label_smoothing))
+            loss = loss + self.cross_entropy(logits, target, shape)
         if "dice" in self.terms:
             loss = loss + self.dice_weight * self.dice(logits, target, background_covers=covers)
         if "lovasz" in self.terms:
             loss = loss + self.lovasz_weight * self.lovasz(logits, target, background_covers=covers)
         return loss
+
+    def cross_entropy(self, logits: torch.Tensor, target: torch.Tensor, shape: LossShape | None = None
+                      ) -> torch.Tensor:
+        """The cross-entropy term alone, with this loss's class weights, label smoothing and
+        ignored label, under ``shape`` (whatever ``kind`` says: the auxiliary head's loss)."""
+        if shape is not None and not shape.plain:
+            return self._shaped_ce(logits, target, shape)
+        return F.cross_entropy(logits.float(), target, weight=self.class_weights,
+                               ignore_index=self.ignore_index, label_smoothing=self.label_smoothing)
 
     def _shaped_ce(self, logits: torch.Tensor, target: torch.Tensor, shape: LossShape) -> torch.Tensor:
         """``F.cross_entropy`` (same class weighting and label smoothing) under ``shape``."""

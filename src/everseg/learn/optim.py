@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -19,14 +19,16 @@ def _split_decay(params: list[tuple[str, nn.Parameter]]) -> tuple[list, list]:
     return decay, no_decay
 
 
-def parameter_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
-    """Backbone and head groups (backbone LR = lr x backbone_lr_factor), each split by decay.
+def parameter_groups(model: nn.Module, cfg: OptimConfig, extra: Sequence[nn.Module] = ()) -> list[dict]:
+    """Backbone and head groups (backbone LR = lr x backbone_lr_factor), each split by decay;
+    ``extra`` modules trained beside the model (the auxiliary head) join the head's groups.
 
     Frozen parameters are included too, so that unfreezing later needs no new
     optimiser; they get no gradient while frozen and so are not updated.
     """
     backbone_ids = {id(p) for p in model.backbone.parameters()}
     named = list(model.named_parameters())
+    named += [(f"extra{i}.{n}", p) for i, module in enumerate(extra) for n, p in module.named_parameters()]
     groups = []
     for part, factor in (("backbone", cfg.backbone_lr_factor), ("head", 1.0)):
         params = [(n, p) for n, p in named if (id(p) in backbone_ids) == (part == "backbone")]
@@ -38,8 +40,8 @@ def parameter_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     return groups
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    groups = parameter_groups(model, cfg)
+def build_optimizer(model: nn.Module, cfg: OptimConfig, extra: Sequence[nn.Module] = ()) -> torch.optim.Optimizer:
+    groups = parameter_groups(model, cfg, extra)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
     return torch.optim.AdamW(groups, lr=cfg.lr)

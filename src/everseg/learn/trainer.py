@@ -27,6 +27,7 @@ from everseg.atomic import atomic_torch_save, atomic_write_json, atomic_write_te
 from everseg.data.dataset import SegmentationDataset
 from everseg.devices import choose_precision, resolve_device
 from everseg.learn import distributed
+from everseg.learn.auxiliary import AuxiliaryHead, auxiliary_head
 from everseg.learn.config import RunConfig
 from everseg.learn.ema import WeightAverage
 from everseg.learn.losses import LossShape, SegmentationLoss, compute_class_weights
@@ -146,9 +147,18 @@ class Trainer:
         # The model is moved now, before plugins and strategies copy or measure it.
         self.model.to(self.device)
         self.criterion = criterion if criterion is not None else self._default_criterion()
+        # loss.aux_weight: a head on the backbone's middle, only while the backbone trains.
+        self.auxiliary: AuxiliaryHead | None = None
+        self._aux_stage = 0
+        if config.loss.aux_weight > 0 and tc.finetune != "frozen":
+            if not isinstance(self.criterion, SegmentationLoss):
+                raise ValueError(f"loss.aux_weight needs the recipe's own loss, not a "
+                                 f"{type(self.criterion).__name__}")
+            self.auxiliary, self._aux_stage = auxiliary_head(model)
+            self.auxiliary.to(self.device)
         # What a step runs the model through (fit wraps it for data-parallel training).
         self._forward: nn.Module = self.model
-        self._needs_features = any(p.needs_features for p in self.plugins)
+        self._needs_features = self._wants_features()
         # Loop state; everything here is saved in the checkpoint.
         self.epoch = 0
         self.global_step = 0
@@ -179,9 +189,12 @@ class Trainer:
                                 dice_weight=lc.dice_weight, lovasz_weight=lc.lovasz_weight,
                                 label_smoothing=lc.label_smoothing)
 
+    def _wants_features(self) -> bool:
+        return self.auxiliary is not None or any(p.needs_features for p in self.plugins)
+
     def loss_terms(self, batch: Batch, output: StepOutput) -> dict[str, torch.Tensor]:
         """The step's loss terms: the recipe's segmentation loss as the plugins shape it (``"seg"``),
-        then each plugin's own terms."""
+        the auxiliary head's cross-entropy under the same shape (``"aux"``), then each plugin's own terms."""
         shape = LossShape()
         for plugin in self.plugins:
             plugin.shape_loss(self, batch, output, shape)
@@ -192,6 +205,9 @@ class Trainer:
         else:
             raise ValueError(f"a strategy shapes the segmentation loss, which this Trainer's own criterion "
                              f"({type(self.criterion).__name__}) does not support")
+        if self.auxiliary is not None:
+            logits = self.auxiliary(output.features["backbone"][self._aux_stage], batch.mask.shape[-2:])
+            terms["aux"] = self.config.loss.aux_weight * self.criterion.cross_entropy(logits, batch.mask, shape)
         for plugin in self.plugins:
             extra = plugin.loss_terms(self, batch, output)
             if "seg" in extra:
@@ -219,6 +235,11 @@ class Trainer:
         and was skipped (the scale is lowered)."""
         # Plugins and clipping see true gradients, not float16-scaled ones.
         self.scaler.unscale_(self.optimizer)
+        if self.auxiliary is not None and self.world is not None:
+            # DDP averages the model's gradients over the processes; the head lives outside it.
+            for p in self.auxiliary.parameters():
+                if p.grad is not None:
+                    p.grad.copy_(distributed.mean_over_processes(p.grad))
         for plugin in self.plugins:
             plugin.after_backward(self)
         if self.config.optim.grad_clip:
@@ -300,7 +321,10 @@ class Trainer:
         generator = seed_everything(tc.seed)
         if tc.channels_last:
             self.model.to(memory_format=torch.channels_last)
-        self.optimizer = build_optimizer(self.model, cfg.optim)
+            if self.auxiliary is not None:
+                self.auxiliary.to(memory_format=torch.channels_last)
+        self.optimizer = build_optimizer(self.model, cfg.optim,
+                                         extra=[self.auxiliary] if self.auxiliary is not None else [])
         loader = self._loader(generator)
         steps_per_epoch = max(1, len(loader) // tc.grad_accum)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, total_steps=steps_per_epoch * tc.epochs,
@@ -336,7 +360,7 @@ class Trainer:
             plugin.on_fit_start(self)
         # Wrapped after the plugins set which weights train (a frozen backbone): DDP fixes them now.
         self._forward = self._data_parallel() if self.world is not None else self.model
-        self._needs_features = any(p.needs_features for p in self.plugins)
+        self._needs_features = self._wants_features()
         self._wrap_up_images = sum(p.wrap_up_images(self) for p in self.plugins)
         if not resume:
             # Plugins' set-up passes (e.g. PLOP's pseudo-label thresholds) are part of what the
@@ -353,6 +377,8 @@ class Trainer:
                     progress.message(f"time budget of {tc.max_minutes} min used after {self.epoch} epochs")
                     break
                 self.model.train()
+                if self.auxiliary is not None:
+                    self.auxiliary.train()
                 for plugin in self.plugins:
                     plugin.on_epoch_start(self)
                 progress.start_epoch(self.epoch)
@@ -605,6 +631,7 @@ class Trainer:
                      "stale_validations": self.stale_validations, "history": self.history},
             "plugins": [p.state_dict() for p in self.plugins],
             "average": self.average.state_dict() if self.average is not None else None,
+            "auxiliary": self.auxiliary.state_dict() if self.auxiliary is not None else None,
             "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
                     "torch": torch.get_rng_state(), "loader": generator.get_state(),
                     "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None},
@@ -629,6 +656,10 @@ class Trainer:
             was = "off" if state.get("average") is None else "on"
             raise ValueError(f"{path}: the checkpoint was made with train.ema_decay {was}; resume with the "
                              f"same configuration (see {self.out_dir}/config.yaml)")
+        if (self.auxiliary is None) != (state.get("auxiliary") is None):
+            was = "without" if state.get("auxiliary") is None else "with"
+            raise ValueError(f"{path}: the checkpoint was made {was} an auxiliary head (loss.aux_weight); "
+                             f"resume with the same configuration (see {self.out_dir}/config.yaml)")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -644,6 +675,8 @@ class Trainer:
             plugin.load_state_dict(pstate)
         if self.average is not None:
             self.average.load_state_dict(state["average"])
+        if self.auxiliary is not None:
+            self.auxiliary.load_state_dict(state["auxiliary"])
         rng = state["rng"]
         random.setstate(rng["python"])
         np.random.set_state(rng["numpy"])
