@@ -54,6 +54,20 @@ class Crash(Plugin):
             raise KeyboardInterrupt("killed")
 
 
+def interrupted_and_resumed(cfg, run):
+    """The Trainer that finished a run killed in its third epoch and resumed."""
+    with pytest.raises(KeyboardInterrupt):
+        make_trainer(cfg, run, plugins=[Crash(epoch=2)]).fit()
+    resumed = make_trainer(cfg, run)
+    resumed.fit(resume=True)
+    return resumed
+
+
+def assert_same_state(a, b, what="model"):
+    for (k, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(x, y, msg=f"{what} {k} differs after resume")
+
+
 @pytest.mark.slow
 def test_resume_after_interruption_matches_uninterrupted_run(tiny_camvid, tmp_path):
     cfg = tiny_config(tiny_camvid, **{"data.val_split": None})
@@ -67,8 +81,7 @@ def test_resume_after_interruption_matches_uninterrupted_run(tiny_camvid, tmp_pa
     result = resumed.fit(resume=True)
     assert result.epochs_run == 3
     assert len(result.history) == 3
-    for (k, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
-        torch.testing.assert_close(a, b, msg=f"{k} differs after resume")
+    assert_same_state(full.model, resumed.model)
 
 
 @pytest.mark.slow
